@@ -1,0 +1,166 @@
+"""Compressors C(x) with their byte encoders and decoders. No state, no I/O.
+
+For every compressor, ``decode(encode(x))`` *is* C(x): the value a receiver reconstructs from the bytes is
+the definition, so sender and receiver hold bit-identical copies. Values travel as fp32, whatever the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import wire
+from .errors import CdmpiError
+
+
+class Compressor:
+    """A pure compressor over flat vectors of length d."""
+
+    name = ""
+
+    def __init__(self, d: int):
+        self.d = d
+
+    @property
+    def frame_nbytes(self) -> int:
+        raise NotImplementedError
+
+    def contraction(self) -> float:
+        """pi of Assumption 4.1: ||C(x) - x||^2 <= (1 - pi) ||x||^2 (in expectation for random-k)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, frame: torch.Tensor, key: int = 0) -> None:
+        raise NotImplementedError
+
+    def decode(self, frame: torch.Tensor, dtype: torch.dtype, key: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_add_(self, frame: torch.Tensor, acc: torch.Tensor, key: int = 0) -> None:
+        """acc += C(x) from its frame."""
+        acc.add_(self.decode(frame, acc.dtype, key))
+
+    def __call__(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
+        frame = torch.empty(self.frame_nbytes, dtype=torch.uint8, device=x.device)
+        self.encode(x, frame, key)
+        return self.decode(frame, x.dtype, key)
+
+    def new_frame(self, device="cpu") -> torch.Tensor:
+        return torch.zeros(self.frame_nbytes, dtype=torch.uint8, device=device)
+
+
+class ScaledSign(Compressor):
+    """C(x) = ||x||_1 sign(x) / d, sign(0) = +1. Frame: fp32 scale, then ceil(d/8) sign bytes."""
+
+    name = "scaled_sign"
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 4 + wire.sign_nbytes(self.d)
+
+    def contraction(self) -> float:
+        # ||C(x)-x||^2 = ||x||^2 - ||x||_1^2/d and ||x||_1^2 >= ||x||^2, so pi = 1/d in the worst case.
+        return 1.0 / self.d
+
+    def encode(self, x, frame, key=0):
+        wire.write_f32(frame, 0, x.abs().sum() / self.d)
+        wire.pack_signs(x, frame[4:])
+
+    def decode(self, frame, dtype, key=0):
+        scale = wire.read_f32(frame, 0, 1).to(dtype)
+        return wire.unpack_signs(frame[4:], self.d, dtype) * scale
+
+    def decode_add_(self, frame, acc, key=0):
+        scale = wire.read_f32(frame, 0, 1).to(acc.dtype)
+        acc.addcmul_(wire.unpack_signs(frame[4:], self.d, acc.dtype), scale)
+
+
+class _Sparse(Compressor):
+    """k coordinates; the frame holds their fp32 values (and, for top-k, their int32 indices)."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__(d)
+        if not 1 <= k <= d:
+            raise CdmpiError(f"{self.name}: k must be in [1, d={d}], got {k}")
+        self.k = k
+
+    def contraction(self) -> float:
+        return self.k / self.d
+
+    def _scatter(self, values, indices, dtype):
+        out = torch.zeros(self.d, dtype=dtype, device=values.device)
+        out.index_copy_(0, indices.long(), values.to(dtype))
+        return out
+
+
+class TopK(_Sparse):
+    name = "topk"
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 8 * self.k
+
+    def encode(self, x, frame, key=0):
+        indices = torch.topk(x.abs(), self.k, sorted=False).indices
+        wire.write_f32(frame, 0, x[indices])
+        wire.write_i32(frame, 4 * self.k, indices)
+
+    def decode(self, frame, dtype, key=0):
+        indices = wire.read_i32(frame, 4 * self.k, self.k)
+        if self.k and (int(indices.min()) < 0 or int(indices.max()) >= self.d):
+            raise CdmpiError(f"topk frame holds an index outside [0, {self.d})")
+        return self._scatter(wire.read_f32(frame, 0, self.k), indices, dtype)
+
+
+class RandK(_Sparse):
+    """k coordinates chosen by a generator seeded with key, which sender and receiver share."""
+
+    name = "randk"
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 4 * self.k
+
+    def indices(self, key: int, device) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(key)
+        return torch.randperm(self.d, generator=generator)[: self.k].to(device)
+
+    def encode(self, x, frame, key=0):
+        wire.write_f32(frame, 0, x[self.indices(key, x.device)])
+
+    def decode(self, frame, dtype, key=0):
+        return self._scatter(wire.read_f32(frame, 0, self.k), self.indices(key, frame.device), dtype)
+
+
+class Identity(Compressor):
+    name = "identity"
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 4 * self.d
+
+    def contraction(self) -> float:
+        return 1.0
+
+    def encode(self, x, frame, key=0):
+        wire.write_f32(frame, 0, x)
+
+    def decode(self, frame, dtype, key=0):
+        return wire.read_f32(frame, 0, self.d).to(dtype)
+
+
+COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (ScaledSign, TopK, RandK, Identity)}
+
+
+def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0) -> Compressor:
+    cls = COMPRESSORS.get(name)
+    if cls is None:
+        raise CdmpiError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
+    if issubclass(cls, _Sparse):
+        return cls(d, k if k > 0 else max(1, min(d, round(ratio * d))))
+    return cls(d)
+
+
+def stream_key(seed: int, stream: int, step: int) -> int:
+    """The shared seed of one frame (random-k): a stream is 0 for the server, i + 1 for worker i."""
+    return int(np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0] >> 1)

@@ -1,0 +1,169 @@
+"""Typed, frozen run configuration: TOML file + `section.key=value` overrides, unknown keys rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CdmpiError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    steps: int = 1000  # iterations T
+    seed: int = 0
+    dtype: str = "float64"  # compute dtype of x, m, v and the Markov states
+    workers: int = 20  # n; under MPI the world size decides (world - 1)
+    log_every: int = 1  # one HDF5 row every this many steps (and at step 0 and T)
+    flush_every: int = 50  # rows buffered before they are written; a crash loses fewer than this
+    threads: int = 1  # torch threads per rank; ranks usually share cores
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthetic"  # phishing | mushrooms | a9a | w8a | synthetic | path to a LibSVM file
+    n_features: int = 0  # 0: the largest feature index in the file
+    batch_size: int = 0  # tau; 0: full local gradient
+    samples: int = 2000  # synthetic only
+    features: int = 50  # synthetic only
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    name: str = "logreg"
+    reg: float = 0.1  # lambda of the nonconvex regulariser
+    init_scale: float = 0.0  # x_1 = init_scale * N(0, I), seeded by run.seed
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    algorithm: str = "cdadam"
+    lr: float = 0.005
+    beta1: float = 0.9
+    beta2: float = 0.99
+    nu: float = 1e-8  # V = diag(v_hat + nu)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    name: str = "scaled_sign"  # scaled_sign | topk | randk | identity
+    ratio: float = 0.016  # topk/randk: k = max(1, round(ratio * d)) unless k > 0
+    k: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _check_choices(cfg: Config) -> None:
+    positive = {
+        "run.steps": cfg.run.steps, "run.workers": cfg.run.workers, "run.log_every": cfg.run.log_every,
+        "run.flush_every": cfg.run.flush_every, "run.threads": cfg.run.threads, "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise CdmpiError(f"config: {key} must be > 0, got {value!r}")
+    if cfg.run.dtype not in ("float32", "float64"):
+        raise CdmpiError(f"config: run.dtype must be 'float32' or 'float64', got {cfg.run.dtype!r}")
+    for key, value in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise CdmpiError(f"config: {key} must be in [0, 1), got {value!r}")
+    if cfg.optim.nu <= 0:
+        raise CdmpiError(f"config: optim.nu must be > 0, got {cfg.optim.nu!r}")
+    if cfg.data.batch_size < 0 or cfg.data.n_features < 0 or cfg.compress.k < 0:
+        raise CdmpiError("config: data.batch_size, data.n_features and compress.k must be >= 0")
+    if not 0.0 < cfg.compress.ratio <= 1.0:
+        raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
+
+
+def _coerce(key: str, value, hint):
+    """Check one value against its annotated type; ints are accepted where floats are expected."""
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
+        raise CdmpiError(f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"section [{prefix}]" if prefix else "the top level"
+        raise CdmpiError(f"config: unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+                         f"known keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise CdmpiError(f"config: [{key}] must be a table, got {type(value).__name__}")
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, value, hint)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`optim.lr=0.003` -> (['optim', 'lr'], 0.003). Values are TOML; a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise CdmpiError(f"--set expects key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    values = json.loads(json.dumps(values))  # deep copy; TOML values are JSON-safe
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CdmpiError(f"--set {text}: {part} is not a section")
+        node[path[-1]] = value
+    cfg = _build(Config, values, "")
+    _check_choices(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise CdmpiError(f"config file not found: {path}")
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CdmpiError(f"config file {path} is not valid TOML: {err}") from None
+    return from_dict(values, overrides)
+
+
+def replace(cfg: Config, section: str, **changes) -> Config:
+    """A copy of cfg with keys of one section changed (configs are frozen)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})

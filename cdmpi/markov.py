@@ -1,0 +1,70 @@
+"""Markov compression sequences (Richtarik et al. 2021) and error-feedback memory.
+
+A Markov sequence is w_hat_0 = C(w_0), w_hat_t = w_hat_{t-1} + C(w_t - w_hat_{t-1}). Only C(...) travels,
+so both ends keep a copy of w_hat and update it from the same decoded bytes: the copies never drift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compress import Compressor, stream_key
+
+
+class MarkovSequence:
+    """One end of a Markov sequence. `stream` names the sender (0: server, i + 1: worker i)."""
+
+    def __init__(self, compressor: Compressor, dtype: torch.dtype, device, seed: int, stream: int):
+        self.compressor = compressor
+        self.seed = seed
+        self.stream = stream
+        self.count = 0  # frames applied; both ends advance it in lockstep (random-k keys use it)
+        self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device), self._key())
+
+    def _key(self) -> int:
+        return stream_key(self.seed, self.stream, self.count)
+
+    def push(self, target: torch.Tensor, frame: torch.Tensor) -> None:
+        """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes."""
+        self.compressor.encode(target - self.value, frame, self._key())
+        self.receive(frame)
+
+    def receive(self, frame: torch.Tensor) -> None:
+        """Receiver (and sender): w_hat += the decoded frame."""
+        self.compressor.decode_add_(frame, self.value, self._key())
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value.copy_(state["value"])
+        self.count = int(state["count"])
+
+
+class MarkovMean:
+    """The server's g_hat = mean over workers of their Markov sequences, advanced by their n frames."""
+
+    def __init__(self, compressor: Compressor, n_workers: int, dtype: torch.dtype, device, seed: int):
+        self.compressor = compressor
+        self.n_workers = n_workers
+        self.seed = seed
+        self.count = 0
+        self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device),
+                                stream_key(seed, 1, 0))
+        self._sum = torch.empty_like(self.value)
+
+    def receive_all(self, frames: torch.Tensor) -> None:
+        """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
+        self._sum.zero_()
+        for i in range(self.n_workers):
+            self.compressor.decode_add_(frames[i], self._sum, stream_key(self.seed, i + 1, self.count))
+        self.value.add_(self._sum, alpha=1.0 / self.n_workers)
+        self.count += 1
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value.copy_(state["value"])
+        self.count = int(state["count"])

@@ -1,0 +1,48 @@
+"""Objectives. A problem builds the dimension d, the initial point and each local worker's shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import data
+from ..config import Config
+from ..errors import CdmpiError
+from .logreg import LogRegShard
+
+
+@dataclass
+class Built:
+    d: int
+    x0: torch.Tensor
+    shards: dict  # worker index -> shard, for the workers that live in this process
+    description: str
+
+
+def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
+    ds = data.load(cfg.data.dataset, n_features=cfg.data.n_features, samples=cfg.data.samples,
+                   features=cfg.data.features, seed=cfg.run.seed)
+    bounds = data.shard_bounds(ds.n_samples, n_workers)
+    shards = {}
+    for i in worker_indices:
+        lo, hi = bounds[i]
+        shards[i] = LogRegShard(ds.features[lo:hi], ds.labels[lo:hi], n_total=ds.n_samples,
+                                n_workers=n_workers, reg=cfg.problem.reg, dtype=dtype, device=device)
+    if cfg.data.batch_size > min(hi - lo for lo, hi in bounds):
+        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard "
+                         f"({min(hi - lo for lo, hi in bounds)} samples)")
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    x0 = cfg.problem.init_scale * torch.randn(ds.n_features, generator=generator, dtype=torch.float64)
+    return Built(ds.n_features, x0.to(dtype=dtype, device=device), shards,
+                 f"logreg on {ds.name}: {ds.n_samples} samples, {ds.n_features} features")
+
+
+PROBLEMS = {"logreg": _logreg}
+
+
+def build(cfg: Config, n_workers: int, worker_indices, dtype, device="cpu") -> Built:
+    maker = PROBLEMS.get(cfg.problem.name)
+    if maker is None:
+        raise CdmpiError(f"unknown problem {cfg.problem.name!r}; choose one of {', '.join(PROBLEMS)}")
+    return maker(cfg, n_workers, list(worker_indices), dtype, device)

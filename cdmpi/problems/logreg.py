@@ -1,0 +1,59 @@
+"""Section 7.1: logistic regression with the nonconvex regulariser
+f(x) = (1/N) sum_j log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CdmpiError
+
+MAX_DENSE_ELEMENTS = 400_000_000  # 3.2 GB in float64 per shard
+
+
+def regulariser(x: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    sq = x * x
+    return lam * (sq / (1 + sq)).sum(), lam * 2 * x / (1 + sq) ** 2
+
+
+class LogRegShard:
+    """Worker i's part: f_i(x) = mean over its rows of the logistic loss + the regulariser.
+
+    ``evaluate`` also returns this worker's *share* of the full objective: its loss sum / N plus
+    regulariser / n, so that the server recovers f(x) and grad f(x) by adding the n shares.
+    """
+
+    def __init__(self, features, labels, *, n_total: int, n_workers: int, reg: float, dtype, device):
+        rows, cols = features.shape
+        if rows * cols > MAX_DENSE_ELEMENTS:
+            raise CdmpiError(f"a shard of {rows} x {cols} features is too large to hold dense")
+        dense = features.toarray() if hasattr(features, "toarray") else features
+        self.features = torch.as_tensor(dense, dtype=dtype, device=device).contiguous()
+        self.labels = torch.as_tensor(labels, dtype=dtype, device=device)
+        self.n_total = n_total
+        self.n_workers = n_workers
+        self.reg = reg
+        self.d = cols
+
+    @property
+    def n_samples(self) -> int:
+        return self.features.shape[0]
+
+    def evaluate(self, x: torch.Tensor, rows: torch.Tensor | None = None, want_share: bool = False):
+        """(g_i, share): the local gradient (over `rows`, or all rows) and, if asked, the share vector
+        [loss share, gradient share...] in float64."""
+        a = self.features if rows is None else self.features.index_select(0, rows)
+        y = self.labels if rows is None else self.labels.index_select(0, rows)
+        margin = y * (a @ x)
+        grad_sum = a.T @ (-y * torch.sigmoid(-margin))
+        reg_value, reg_grad = regulariser(x, self.reg)
+        grad = grad_sum / a.shape[0] + reg_grad
+        share = None
+        if want_share:
+            if rows is not None:  # the share is always over the whole shard
+                _, share = self.evaluate(x, None, True)
+            else:
+                loss = F.softplus(-margin).sum() / self.n_total + reg_value / self.n_workers
+                grad_share = grad_sum / self.n_total + reg_grad / self.n_workers
+                share = torch.cat([loss.reshape(1), grad_share]).to(torch.float64)
+        return grad, share

@@ -1,0 +1,118 @@
+"""A training run: set up this process's part of it, then the one step loop every backend shares."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, algorithms, compress, problems
+from .config import Config
+from .errors import CdmpiError
+from .metrics import MetricsWriter
+from .server import ServerRuntime
+from .worker import WorkerRuntime
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Session:
+    cfg: Config
+    transport: object
+    d: int
+    workers: list[WorkerRuntime]  # the workers that live in this process
+    server: ServerRuntime | None  # on the server's process only
+    up: torch.Tensor  # (len(workers), up_nbytes)
+    down: torch.Tensor  # (down_nbytes,)
+    description: str
+
+
+def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = False) -> Session:
+    """Build this process's workers (and the server, where it runs). Raises CdmpiError on bad input."""
+    torch.set_num_threads(cfg.run.threads)
+    n = transport.n_workers
+    dtype = DTYPES[cfg.run.dtype]
+    built = problems.build(cfg, n, transport.worker_indices, dtype)
+    make = compress.make
+    up = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    down = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    algorithm = algorithms.get(cfg.optim.algorithm, cfg.compress.name)
+    setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
+    workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i), built.x0,
+                             batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+               for i in transport.worker_indices]
+    server = None
+    if transport.is_server:
+        writer = None
+        if out is not None:
+            attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
+                     "compressor": cfg.compress.name, "n_workers": n, "dim": built.d,
+                     "world_size": transport.world_size, "backend": transport.name,
+                     "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
+                     "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
+                     "down_frame_nbytes": down.frame_nbytes}
+            writer = MetricsWriter(out, attrs, flush_every=cfg.run.flush_every, overwrite=overwrite)
+        server = ServerRuntime(algorithm.server(setting), n, writer)
+    return Session(cfg, transport, built.d, workers, server,
+                   torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8),
+                   torch.zeros(down.frame_nbytes, dtype=torch.uint8), built.description)
+
+
+def is_log_step(step: int, cfg: Config) -> bool:
+    return step % cfg.run.log_every == 0 or step == cfg.run.steps
+
+
+def run(session: Session, progress: bool = False) -> dict | None:
+    """T iterations of Algorithm 1. Returns the last metrics row on the server, None elsewhere."""
+    cfg, transport, server = session.cfg, session.transport, session.server
+    steps = cfg.run.steps
+    bar = None
+    if progress and server is not None and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True)
+    try:
+        for t in range(steps + 1):
+            log = is_log_step(t, cfg)
+            shares = [w.compute(log) for w in session.workers]  # gradient at x_t
+            if log:
+                rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, session.d + 1,
+                                                                                             dtype=torch.float64))
+                if server is not None:
+                    row = server.record(t, rows)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",
+                                        refresh=False)
+            if t == steps:
+                break
+            for i, worker in enumerate(session.workers):
+                worker.encode(session.up[i])
+            frames = transport.gather_frames(session.up)
+            if server is not None:
+                server.aggregate(frames, session.down)
+            transport.broadcast(session.down)
+            for worker in session.workers:
+                worker.update(session.down, cfg.optim.lr)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if server is not None and server.writer is not None:
+            server.writer.close()
+    return server.last_row if server is not None else None
+
+
+def check_world(transport, requested_workers: int | None) -> None:
+    if transport.name == "mpi":
+        if transport.world_size < 2:
+            raise CdmpiError(f"the MPI backend needs at least 2 ranks (rank 0 is the server, the others are "
+                             f"workers); got world size {transport.world_size}. Run under mpiexec -n N+1 "
+                             f"for N workers, or use --backend local")
+        if requested_workers is not None and requested_workers != transport.n_workers:
+            raise CdmpiError(f"--workers {requested_workers} disagrees with the world size "
+                             f"{transport.world_size} (1 server + {transport.n_workers} workers); "
+                             f"launch with mpiexec -n {requested_workers + 1}")

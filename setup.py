@@ -1,0 +1,30 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("cdmpi/__init__.py").read_text().split('"""', 2)[2], version)
+
+setup(
+    name="cdmpi",
+    version=version["__version__"],
+    description="Communication-compressed distributed AMSGrad (CD-Adam) over MPI",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cdmpi", "cdmpi.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "h5py>=3.8",
+        "mpi4py>=3.1",
+        "scikit-learn>=1.2",  # the LibSVM reader
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "mpich": ["mpich"],  # an MPI runtime from PyPI, for machines without a system MPI
+        "plot": ["matplotlib>=3.6"],
+        "test": ["pytest>=7", "matplotlib>=3.6"],
+    },
+    entry_points={"console_scripts": ["cdmpi = cdmpi.cli:main"]},
+)
