@@ -77,6 +77,9 @@ def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,
                                               overwrite=overwrite, resume_step=resume_step)
 
 
+NON_FINITE = -2  # in place of a checksum: this worker's x holds inf or nan
+
+
 def x_checksum(x: torch.Tensor) -> int:
     """A 62-bit digest of x's bytes; copies of x on different workers must agree bit for bit."""
     digest = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
@@ -104,14 +107,20 @@ class TestHooks:
 def check_copies(session: Session, t: int) -> bool:
     """Collective: every worker's x checksum and every process's stop request. Returns whether to stop;
     raises AgreedError on every process when the workers' copies of x differ."""
-    stop, hashes = session.transport.check(session.stop_requested(),
-                                           [x_checksum(w.params) for w in session.workers])
+    stop, hashes = session.transport.check(
+        session.stop_requested(),
+        [x_checksum(w.params) if bool(torch.isfinite(w.params).all()) else NON_FINITE for w in session.workers])
+
+    def where(indices) -> str:
+        return ", ".join(f"worker {i} (rank {i + 1 if session.transport.name == 'mpi' else 0})" for i in indices)
+
+    if NON_FINITE in hashes:  # checked before a checkpoint is written, so none holds a non-finite x
+        bad = [i for i, h in enumerate(hashes) if h == NON_FINITE]
+        raise AgreedError(f"non-finite x at step {t} on {where(bad)}; the last checkpoint holds the last good state")
     values = sorted(set(hashes), key=hashes.count, reverse=True)
     if len(values) > 1:
         odd = [i for i, h in enumerate(hashes) if h != values[0]]
-        where = ", ".join(f"worker {i}" + (f" (rank {i + 1})" if session.transport.name == "mpi" else "")
-                          for i in odd)
-        raise AgreedError(f"the workers' copies of x differ at step {t}: {where} disagree(s) with the other "
+        raise AgreedError(f"the workers' copies of x differ at step {t}: {where(odd)} disagree(s) with the other "
                           f"{len(hashes) - len(odd)} worker(s) (checksum of x, compared every "
                           f"{session.cfg.checkpoint.check_every} steps)")
     return stop
