@@ -163,6 +163,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
             if t > session.start_step:  # checks and checkpoints see x_t before its gradient is computed
                 save = root is not None and (t == steps or (every > 0 and t % every == 0))
                 stop = check_copies(session, t) if save or t % check_every == 0 else False
+                stop = stop and t < steps  # at step T the run just finishes
                 if save or (stop and root is not None):
                     session.last_checkpoint = checkpoint.save(session, t, root)
                 if stop:
