@@ -86,7 +86,7 @@ def x_checksum(x: torch.Tensor) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-class TestHooks:
+class FaultHooks:
     """Fault injection for the reliability tests, from environment variables; inert when unset.
     CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W before step T.
     CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last)."""
@@ -155,7 +155,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=session.start_step, unit="step", dynamic_ncols=True, leave=True)
-    hooks = TestHooks()
+    hooks = FaultHooks()
     every, check_every, root = cfg.checkpoint.every, cfg.checkpoint.check_every, session.checkpoint_root
     try:
         for t in range(session.start_step, steps + 1):
