@@ -57,8 +57,31 @@ def _describe(err: BaseException) -> str:
     return str(err) if isinstance(err, CdmpiError) else f"{type(err).__name__}: {err}"
 
 
+def _agreed(phase, transport, rank: int) -> bool:
+    """Run one setup phase on every rank; if it failed anywhere, rank 0 prints the first error and every
+    rank returns False together (no rank is left waiting in a collective)."""
+    error = None
+    try:
+        phase()
+    except Exception as err:
+        error = _describe(err)
+        if not isinstance(err, CdmpiError):
+            traceback.print_exc()
+    if transport is not None:
+        agreed = transport.agree(error)
+    else:  # the local transport could not even be made
+        agreed = (0, error) if error else None
+    if agreed:
+        failed_rank, message = agreed
+        if rank == 0:
+            where = f" (rank {failed_rank})" if failed_rank else ""
+            print(f"cdmpi: error{where}: {message}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_train(args) -> int:
-    from . import train, transport as transports
+    from . import data, train, transport as transports
 
     backend = args.backend
     if backend == "auto":
@@ -74,8 +97,10 @@ def cmd_train(args) -> int:
     rank = transport.rank if transport is not None else 0
     logger = log.setup(rank, verbose=not args.quiet)
 
-    error, session = None, None
-    try:
+    cfg, session = None, None
+
+    def prepare():  # phase 1: config and world size; rank 0 fetches data the others will read
+        nonlocal cfg, transport
         cfg = config.load(args.config, args.overrides)
         if transport is None:
             n = args.workers if args.workers is not None else cfg.run.workers
@@ -88,19 +113,19 @@ def cmd_train(args) -> int:
                 logger.info("config asks for %d workers; the world has %d: using %d",
                             cfg.run.workers, transport.n_workers, transport.n_workers)
         cfg = config.replace(cfg, "run", workers=transport.n_workers)
-        out = args.out or f"runs/{Path(args.config).stem}-{cfg.optim.algorithm}.h5"
-        session = train.setup(cfg, transport, out=out, overwrite=args.overwrite)
-    except Exception as err:  # every rank must reach the agreement below, whatever failed
-        error = _describe(err)
-        if not isinstance(err, CdmpiError):
-            traceback.print_exc()
-    agreed = transport.agree(error) if transport is not None else (error and (0, error))
-    if agreed:
-        failed_rank, message = agreed
-        if rank == 0:
-            where = f" (rank {failed_rank})" if failed_rank else ""
-            print(f"cdmpi: error{where}: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        if transport.rank == 0:
+            data.prefetch(cfg.data.dataset)
+
+    def build():  # phase 2: every rank builds its part
+        nonlocal session
+        session = train.setup(cfg, transport, out=out(), overwrite=args.overwrite)
+
+    def out():
+        return args.out or f"runs/{Path(args.config).stem}-{cfg.optim.algorithm}.h5"
+
+    for phase in (prepare, build):
+        if not _agreed(phase, transport, rank):
+            return EXIT_BAD_INPUT
 
     logger.info("%s; %s with %s, %d workers, d = %d, %s backend", session.description,
                 cfg.optim.algorithm, cfg.compress.name, transport.n_workers, session.d, transport.name)
@@ -115,7 +140,7 @@ def cmd_train(args) -> int:
     if row is not None:
         print(f"cdmpi: {cfg.optim.algorithm} finished {row['step']} steps: loss {row['loss']:.6g}, "
               f"grad_norm_sq {row['grad_norm_sq']:.4e}, bits up {row['bits_up']:.4e}, "
-              f"down {row['bits_down']:.4e} -> {out}")
+              f"down {row['bits_down']:.4e} -> {out()}")
     return 0
 
 

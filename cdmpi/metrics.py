@@ -5,6 +5,7 @@ Layout (see the README for the public description):
     /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size,
                       backend, mpi_library, cdmpi_version, created, format_version
     /train/<column>   1-D datasets of equal length, one row per logged step
+    /final/params     the workers' final x (float64), written when the run ends
 
 Rows are buffered in memory and appended every ``flush_every`` rows and at close. The file is opened
 only while a flush runs, so a crash between flushes leaves a closed, readable file.
@@ -88,6 +89,13 @@ class MetricsWriter:
                     ds[start:] = np.asarray([r[name] for r in rows], dtype=dtype)
                 rows.clear()
 
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        """A fixed dataset, e.g. final/params (replaced if present)."""
+        with h5py.File(self.path, "a") as fh:
+            if name in fh:
+                del fh[name]
+            fh.create_dataset(name, data=array)
+
     def close(self) -> None:
         self.flush()
 
@@ -100,7 +108,8 @@ def read(path: str | Path) -> dict:
     try:
         with h5py.File(path, "r") as fh:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
-            groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()}
+            groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
+                      if isinstance(fh[g], h5py.Group)}
     except OSError as err:
         raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
     if "train" not in groups:

@@ -16,6 +16,7 @@ from .server import ServerRuntime
 from .worker import WorkerRuntime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
 
 
 @dataclass
@@ -98,12 +99,29 @@ def run(session: Session, progress: bool = False) -> dict | None:
                 worker.update(session.down, cfg.optim.lr)
             if bar is not None:
                 bar.update(1)
+        if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
+            _record_final_params(session)
     finally:
         if bar is not None:
             bar.close()
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
+
+
+def _record_final_params(session: Session) -> None:
+    """Gather every worker's x; the server checks the copies agree and stores worker 0's."""
+    rows = torch.stack([w.params.to(torch.float64) for w in session.workers]) if session.workers \
+        else torch.zeros(0, session.d, dtype=torch.float64)
+    gathered = session.transport.gather_stats(rows)
+    server = session.server
+    if server is None:
+        return
+    differing = [i for i in range(1, gathered.shape[0]) if not torch.equal(gathered[i], gathered[0])]
+    if differing:
+        raise CdmpiError(f"workers {differing} ended with parameters that differ from worker 0's")
+    if server.writer is not None:
+        server.writer.write_array("final/params", gathered[0].numpy())
 
 
 def check_world(transport, requested_workers: int | None) -> None:
