@@ -68,3 +68,70 @@ class MarkovMean:
     def load_state_dict(self, state: dict) -> None:
         self.value.copy_(state["value"])
         self.count = int(state["count"])
+
+
+class ErrorFeedback:
+    """A sender with error-feedback memory (Karimireddy et al. 2019): p = target + e, send C(p), e = p - C(p).
+
+    With ``memory=False`` it sends C(target) and keeps no error (naive compression). `stream` names the
+    sender as in MarkovSequence; `count` advances once per frame so random-k keys match the receiver's.
+    """
+
+    def __init__(self, compressor: Compressor, dtype: torch.dtype, device, seed: int, stream: int,
+                 memory: bool = True):
+        self.compressor = compressor
+        self.seed = seed
+        self.stream = stream
+        self.memory = memory
+        self.count = 0
+        self.error = torch.zeros(compressor.d, dtype=dtype, device=device)
+
+    def push(self, target: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        """Write C(target + e) into frame and return it as the receivers decode it."""
+        key = stream_key(self.seed, self.stream, self.count)
+        p = target + self.error if self.memory else target
+        self.compressor.encode(p, frame, key)
+        sent = self.compressor.decode(frame, p.dtype, key)
+        if self.memory:
+            torch.sub(p, sent, out=self.error)  # the error the next frame carries back
+        self.count += 1
+        return sent
+
+    def state_dict(self) -> dict:
+        return {"error": self.error.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.error.copy_(state["error"])
+        self.count = int(state["count"])
+
+
+class FrameReader:
+    """The receiving end of a stream without memory: decodes frame number `count` of sender `stream`."""
+
+    def __init__(self, compressor: Compressor, dtype: torch.dtype, seed: int, stream: int):
+        self.compressor = compressor
+        self.dtype = dtype
+        self.seed = seed
+        self.stream = stream
+        self.count = 0
+
+    def read(self, frame: torch.Tensor) -> torch.Tensor:
+        value = self.compressor.decode(frame, self.dtype, stream_key(self.seed, self.stream, self.count))
+        self.count += 1
+        return value
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+
+
+def mean_of_frames(compressor: Compressor, frames: torch.Tensor, dtype: torch.dtype, seed: int,
+                   count: int) -> torch.Tensor:
+    """(1/n) sum_i C_i over the n rows of frames (row i from worker i, its frame number `count`),
+    summed in worker order so every backend gets the same bits."""
+    total = torch.zeros(compressor.d, dtype=dtype, device=frames.device)
+    for i in range(frames.shape[0]):
+        compressor.decode_add_(frames[i], total, stream_key(seed, i + 1, count))
+    return total.div_(frames.shape[0])
