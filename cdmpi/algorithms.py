@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compress import Compressor, Identity
+from .compress import COMPRESSORS, Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
 from .markov import ErrorFeedback, FrameReader, MarkovMean, MarkovSequence, mean_of_frames
@@ -335,6 +335,8 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 
 def get(name: str, compressor: str) -> Algorithm:
+    if compressor != "auto" and compressor not in COMPRESSORS:
+        raise CdmpiError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)} or auto")
     algorithm = ALGORITHMS.get(name)
     if algorithm is None:
         raise CdmpiError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")

@@ -8,7 +8,7 @@ from cdmpi import algorithms, metrics
 
 from conftest import run_cdmpi
 
-OTHERS = [name for name in algorithms.ALGORITHMS if name != "cdadam"]  # cdadam: test_smoke_mpi.py
+OTHERS = [name for name in algorithms.ALGORITHMS if name != "cdadam"]  # cdadam: test_smoke_mpi.py / test_mpi_vs_local.py
 
 
 @pytest.mark.parametrize("name", OTHERS)
