@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .compress import Compressor, stream_key
+from .compress import Compressor, frame_key
 
 
 class MarkovSequence:
@@ -22,7 +22,7 @@ class MarkovSequence:
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device), self._key())
 
     def _key(self) -> int:
-        return stream_key(self.seed, self.stream, self.count)
+        return frame_key(self.compressor, self.seed, self.stream, self.count)
 
     def push(self, target: torch.Tensor, frame: torch.Tensor) -> None:
         """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes."""
@@ -51,14 +51,14 @@ class MarkovMean:
         self.seed = seed
         self.count = 0
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device),
-                                stream_key(seed, 1, 0))
+                                frame_key(compressor, seed, 1, 0))
         self._sum = torch.empty_like(self.value)
 
     def receive_all(self, frames: torch.Tensor) -> None:
         """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
         self._sum.zero_()
         for i in range(self.n_workers):
-            self.compressor.decode_add_(frames[i], self._sum, stream_key(self.seed, i + 1, self.count))
+            self.compressor.decode_add_(frames[i], self._sum, frame_key(self.compressor, self.seed, i + 1, self.count))
         self.value.add_(self._sum, alpha=1.0 / self.n_workers)
         self.count += 1
 
@@ -88,7 +88,7 @@ class ErrorFeedback:
 
     def push(self, target: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
         """Write C(target + e) into frame and return it as the receivers decode it."""
-        key = stream_key(self.seed, self.stream, self.count)
+        key = frame_key(self.compressor, self.seed, self.stream, self.count)
         p = target + self.error if self.memory else target
         self.compressor.encode(p, frame, key)
         sent = self.compressor.decode(frame, p.dtype, key)
@@ -116,7 +116,7 @@ class FrameReader:
         self.count = 0
 
     def read(self, frame: torch.Tensor) -> torch.Tensor:
-        value = self.compressor.decode(frame, self.dtype, stream_key(self.seed, self.stream, self.count))
+        value = self.compressor.decode(frame, self.dtype, frame_key(self.compressor, self.seed, self.stream, self.count))
         self.count += 1
         return value
 
@@ -133,5 +133,5 @@ def mean_of_frames(compressor: Compressor, frames: torch.Tensor, dtype: torch.dt
     summed in worker order so every backend gets the same bits."""
     total = torch.zeros(compressor.d, dtype=dtype, device=frames.device)
     for i in range(frames.shape[0]):
-        compressor.decode_add_(frames[i], total, stream_key(seed, i + 1, count))
+        compressor.decode_add_(frames[i], total, frame_key(compressor, seed, i + 1, count))
     return total.div_(frames.shape[0])
