@@ -46,12 +46,13 @@ class OptimConfig:
     lr: float = 0.005
     beta1: float = 0.9
     beta2: float = 0.99
-    nu: float = 1e-8  # V = diag(v_hat + nu)
+    nu: float = 1e-8  # V = diag(v_hat + nu); onebit-adam adds it outside the square root, as DeepSpeed does
+    warmup_steps: int = 100  # onebit-adam: uncompressed Adam steps before the variance is frozen
 
 
 @dataclass(frozen=True)
 class CompressConfig:
-    name: str = "scaled_sign"  # scaled_sign | topk | randk | identity
+    name: str = "auto"  # scaled_sign | topk | randk | identity | auto (the algorithm's default compressor)
     ratio: float = 0.016  # topk/randk: k = max(1, round(ratio * d)) unless k > 0
     k: int = 0
 
@@ -104,6 +105,8 @@ def _check_choices(cfg: Config) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise CdmpiError(f"config: checkpoint.every and checkpoint.keep must be >= 0, got "
                          f"{cfg.checkpoint.every!r} and {cfg.checkpoint.keep!r}")
+    if cfg.optim.warmup_steps < 0:
+        raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
 

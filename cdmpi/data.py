@@ -18,6 +18,7 @@ from .errors import CdmpiError
 
 DATA_DIR_ENV = "CDMPI_DATA_DIR"
 CACHE_DIR_ENV = "CDMPI_CACHE_DIR"
+OFFLINE_ENV = "CDMPI_OFFLINE"  # set to 1 to never download (compute nodes without internet)
 LIBSVM_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/{name}"
 
 # sha256 of the LIBSVM originals (plain text, as served).
@@ -97,9 +98,10 @@ def locate(name: str, allow_download: bool = True) -> Path:
     cached = cache_dir() / name
     if cached.is_file():
         return _checked(cached, name)
-    if not allow_download:
-        raise CdmpiError(f"dataset {name!r} is not in ${DATA_DIR_ENV} "
-                         f"({data_dir or 'unset'}) nor in the cache {cached.parent}")
+    if not allow_download or os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise CdmpiError(f"dataset {name!r} is not in ${DATA_DIR_ENV} ({data_dir or 'unset'}) nor in the "
+                         f"cache {cached.parent}, and downloads are off; put the LIBSVM file in a folder "
+                         f"and set {DATA_DIR_ENV} to that folder")
     return download(name, cached)
 
 
@@ -170,6 +172,12 @@ def load(dataset: str, *, n_features: int = 0, samples: int = 2000, features: in
         return read_libsvm(Path(dataset), n_features)
     raise CdmpiError(f"unknown dataset {dataset!r}: use one of {', '.join(LIBSVM_SHA256)}, "
                      f"'synthetic', or a path to a LibSVM file")
+
+
+def prefetch(dataset: str) -> None:
+    """Make a known dataset local (download and check it) before the other ranks read it."""
+    if dataset in LIBSVM_SHA256:
+        locate(dataset)
 
 
 def shard_bounds(n_samples: int, n_workers: int) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ Layout (see the README for the public description):
     /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size,
                       backend, mpi_library, cdmpi_version, created, format_version
     /train/<column>   1-D datasets of equal length, one row per logged step
+    /final/params     the workers' final x (float64), written when the run ends
 
 Rows are buffered in memory and appended every ``flush_every`` rows and at close. A flush appends to a
 copy of the file and renames it over the original, so a crash at any moment, even inside a flush, leaves
@@ -105,8 +106,10 @@ class MetricsWriter:
                 fh.attrs[key] = value
             fh.attrs["resumed_at_steps"] = np.append(fh.attrs.get("resumed_at_steps", np.zeros(0, np.int64)),
                                                      np.int64(step))
-            for group in fh.keys():
-                if "step" not in fh[group]:
+            if "final" in fh:  # the end of the run is still to come
+                del fh["final"]
+            for group in list(fh.keys()):
+                if not isinstance(fh[group], h5py.Group) or "step" not in fh[group]:
                     continue
                 kept = int(np.searchsorted(fh[group]["step"][()], step, side="left"))
                 for ds in fh[group].values():
@@ -137,6 +140,15 @@ class MetricsWriter:
         for rows in self._rows.values():
             rows.clear()
 
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        """A fixed dataset, e.g. final/params (replaced if present)."""
+        def write(fh):
+            if name in fh:
+                del fh[name]
+            fh.create_dataset(name, data=array)
+
+        self._commit(write)
+
     def close(self) -> None:
         self.flush()
 
@@ -149,7 +161,8 @@ def read(path: str | Path) -> dict:
     try:
         with h5py.File(path, "r") as fh:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
-            groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()}
+            groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
+                      if isinstance(fh[g], h5py.Group)}
     except OSError as err:
         raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
     if "train" not in groups:

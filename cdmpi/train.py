@@ -20,6 +20,7 @@ from .server import ServerRuntime
 from .worker import WorkerRuntime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
 
 
 @dataclass
@@ -29,8 +30,6 @@ class Session:
     d: int
     workers: list[WorkerRuntime]  # the workers that live in this process
     server: ServerRuntime | None  # on the server's process only
-    up: torch.Tensor  # (len(workers), up_nbytes)
-    down: torch.Tensor  # (down_nbytes,)
     description: str
     start_step: int = 0  # > 0 after a resume
     checkpoint_root: Path | None = None  # None: no checkpoints
@@ -38,6 +37,23 @@ class Session:
     stopped_at: int | None = None  # the step a requested stop happened at
     last_checkpoint: Path | None = None  # on the server
     attrs: dict = field(default_factory=dict)  # the metrics file's attributes
+    # Frame buffers by size, made once and reused: an algorithm's frame size may change (onebit-adam).
+    _up: dict = field(default_factory=dict)
+    _down: dict = field(default_factory=dict)
+
+    def frame_nbytes(self) -> tuple[int, int]:
+        """(up, down) frame sizes of the coming step; every process's algorithm agrees on them."""
+        algorithm = self.workers[0].algorithm if self.workers else self.server.algorithm
+        return algorithm.up_nbytes, algorithm.down_nbytes
+
+    def frame_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers for the coming step."""
+        up_nbytes, down_nbytes = self.frame_nbytes()
+        if up_nbytes not in self._up:
+            self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8)
+        if down_nbytes not in self._down:
+            self._down[down_nbytes] = torch.zeros(down_nbytes, dtype=torch.uint8)
+        return self._up[up_nbytes], self._down[down_nbytes]
 
 
 def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = False) -> Session:
@@ -47,23 +63,22 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     dtype = DTYPES[cfg.run.dtype]
     built = problems.build(cfg, n, transport.worker_indices, dtype)
     make = compress.make
-    up = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
-    down = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
-    algorithm = algorithms.get(cfg.optim.algorithm, cfg.compress.name)
+    compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
+    up = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    down = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
     workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i), built.x0,
                              batch_size=cfg.data.batch_size, seed=cfg.run.seed)
                for i in transport.worker_indices]
     server = ServerRuntime(algorithm.server(setting), n, None) if transport.is_server else None
     attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
-             "compressor": cfg.compress.name, "n_workers": n, "dim": built.d,
+             "compressor": compressor, "n_workers": n, "dim": built.d,
              "world_size": transport.world_size, "backend": transport.name,
              "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
              "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
              "down_frame_nbytes": down.frame_nbytes}
-    session = Session(cfg, transport, built.d, workers, server,
-                      torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8),
-                      torch.zeros(down.frame_nbytes, dtype=torch.uint8), built.description, attrs=attrs)
+    session = Session(cfg, transport, built.d, workers, server, built.description, attrs=attrs)
     if out is not None:
         open_metrics(session, out, overwrite=overwrite)
     return session
@@ -183,22 +198,40 @@ def run(session: Session, progress: bool = False) -> dict | None:
                                         refresh=False)
             if t == steps:
                 break
+            up, down = session.frame_buffers()
             for i, worker in enumerate(session.workers):
-                worker.encode(session.up[i])
-            frames = transport.gather_frames(session.up)
+                worker.encode(up[i])
+            frames = transport.gather_frames(up)
             if server is not None:
-                server.aggregate(frames, session.down)
-            transport.broadcast(session.down)
+                server.aggregate(frames, down)
+            transport.broadcast(down)
             for worker in session.workers:
-                worker.update(session.down, cfg.optim.lr)
+                worker.update(down, cfg.optim.lr)
             if bar is not None:
                 bar.update(1)
+        if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
+            _record_final_params(session)
     finally:
         if bar is not None:
             bar.close()
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
+
+
+def _record_final_params(session: Session) -> None:
+    """Gather every worker's x; the server checks the copies agree and stores worker 0's."""
+    rows = torch.stack([w.params.to(torch.float64) for w in session.workers]) if session.workers \
+        else torch.zeros(0, session.d, dtype=torch.float64)
+    gathered = session.transport.gather_stats(rows)
+    server = session.server
+    if server is None:
+        return
+    differing = [i for i in range(1, gathered.shape[0]) if not torch.equal(gathered[i], gathered[0])]
+    if differing:
+        raise CdmpiError(f"workers {differing} ended with parameters that differ from worker 0's")
+    if server.writer is not None:
+        server.writer.write_array("final/params", gathered[0].numpy())
 
 
 def check_world(transport, requested_workers: int | None) -> None:

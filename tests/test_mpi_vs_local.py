@@ -19,3 +19,6 @@ def test_mpi_matches_local_bit_for_bit(tmp_path, small_config):
     assert b["attrs"]["world_size"] == 5
     for column in ("step", "loss", "grad_norm_sq", "bits_up", "bits_down"):
         np.testing.assert_array_equal(a["train"][column], b["train"][column])
+    assert a["train"]["loss"].shape == (31,)
+    np.testing.assert_array_equal(a["final"]["params"], b["final"]["params"])
+    assert np.abs(a["final"]["params"]).sum() > 0

@@ -1,0 +1,108 @@
+"""Compressors: frames round-trip bit for bit, frame sizes, and Assumption 4.1."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdmpi import compress
+from cdmpi.errors import CdmpiError
+
+D_VALUES = [1, 5, 8, 113, 1000]
+
+
+def make(name, d):
+    return compress.make(name, d, ratio=0.1)
+
+
+@pytest.mark.parametrize("name", list(compress.COMPRESSORS))
+@pytest.mark.parametrize("d", D_VALUES)
+def test_decode_encode_is_c_bit_for_bit(name, d):
+    c = make(name, d)
+    x = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    frame = c.new_frame()
+    c.encode(x, frame, key=11)
+    first = c.decode(frame, torch.float64, key=11)
+    frame2 = c.new_frame()
+    c.encode(x, frame2, key=11)
+    assert torch.equal(frame, frame2), "encoding is deterministic"
+    assert torch.equal(first, c(x, key=11))
+    acc = torch.ones(d, dtype=torch.float64)
+    c.decode_add_(frame, acc, key=11)
+    assert torch.equal(acc, 1.0 + first)
+
+
+def test_scaled_sign_values_and_frame():
+    d = 13
+    x = torch.tensor([3.0, -1.0, 0.0, 2.5, -0.5, 1, 1, 1, -2, 0, 0, 4, -7], dtype=torch.float64)
+    c = compress.make("scaled_sign", d)
+    assert c.frame_nbytes == 4 + 2
+    frame = c.new_frame()
+    c.encode(x, frame)
+    scale = np.float32(np.abs(x.numpy()).sum() / d)
+    assert np.frombuffer(frame.numpy()[:4].tobytes(), "<f4")[0] == scale
+    np.testing.assert_array_equal(frame.numpy()[4:], np.packbits(x.numpy() >= 0))
+    expected = np.where(x.numpy() >= 0, 1.0, -1.0) * np.float64(scale)
+    np.testing.assert_array_equal(c(x).numpy(), expected)
+
+
+def test_sparse_frames_hold_fp32_values_and_indices():
+    x = torch.tensor([0.1, -5.0, 0.3, 4.0, -0.2], dtype=torch.float64)
+    top = compress.make("topk", 5, k=2)
+    assert top.frame_nbytes == 16
+    np.testing.assert_array_equal(top(x).numpy(), np.float32([0, -5.0, 0, 4.0, 0]))
+    rand = compress.make("randk", 5, k=2)
+    assert rand.frame_nbytes == 8  # the indices never travel
+    kept = rand(x, key=5).numpy()
+    assert (kept != 0).sum() == 2 and np.array_equal(kept, rand(x, key=5).numpy())
+    assert compress.make("identity", 5).frame_nbytes == 20
+
+
+@pytest.mark.parametrize("name", list(compress.COMPRESSORS))
+@pytest.mark.parametrize("d", D_VALUES)
+def test_assumption_4_1(name, d):
+    """||C(x) - x||^2 <= (1 - pi) ||x||^2 for every draw (scaled sign, top-k, identity), and on average
+    over keys for random-k. fp32 rounding on the wire adds at most a relative 2^-23 per coordinate."""
+    c = make(name, d)
+    pi = c.contraction()
+    assert 0 < pi <= 1
+    gen = torch.Generator().manual_seed(100 + d)
+    for trial in range(20):
+        x = torch.randn(d, dtype=torch.float64, generator=gen) * 10 ** (trial % 5 - 2)
+        norm_sq = float(x @ x)
+        slack = 1e-12 * norm_sq + 2 * (2 ** -23) ** 2 * norm_sq
+        if name == "randk":
+            errors = [float(((c(x, key=k) - x) ** 2).sum()) for k in range(400)]
+            assert np.mean(errors) <= (1 - pi) * norm_sq * 1.15 + slack
+        else:
+            err = float(((c(x) - x) ** 2).sum())
+            assert err <= (1 - pi) * norm_sq + slack
+
+
+def test_scaled_sign_pi_is_tight_for_one_hot():
+    d = 64
+    x = torch.zeros(d, dtype=torch.float64)
+    x[3] = 2.0  # ||x||_1^2 = ||x||^2: the worst case pi = 1/d is attained
+    c = compress.make("scaled_sign", d)
+    err = float(((c(x) - x) ** 2).sum())
+    assert err == pytest.approx((1 - 1 / d) * 4.0, rel=1e-12)
+
+
+def test_scaled_sign_of_zero_is_zero():
+    c = compress.make("scaled_sign", 9)
+    assert torch.equal(c(torch.zeros(9, dtype=torch.float64)), torch.zeros(9, dtype=torch.float64))
+
+
+def test_unknown_compressor_and_bad_k():
+    with pytest.raises(CdmpiError, match="unknown compressor 'nope'"):
+        compress.make("nope", 4)
+    with pytest.raises(CdmpiError, match="k must be in"):
+        compress.make("topk", 4, k=5)
+
+
+def test_topk_rejects_out_of_range_index():
+    c = compress.make("topk", 4, k=1)
+    frame = c.new_frame()
+    c.encode(torch.tensor([0.0, 0, 3, 0]), frame)
+    frame[4:8] = torch.tensor([99], dtype=torch.int32).view(torch.uint8)
+    with pytest.raises(CdmpiError, match="outside"):
+        c.decode(frame, torch.float32)

@@ -1,0 +1,73 @@
+"""Config: typed, frozen, overrides as TOML values, unknown keys rejected."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from cdmpi import config
+from cdmpi.errors import CdmpiError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = config.from_dict({"optim": {"lr": 1}}, ["optim.lr=0.003", "data.dataset=a9a", "run.steps=7",
+                                                   'compress.name="topk"'])
+    assert cfg.optim.lr == 0.003 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.dataset == "a9a" and cfg.run.steps == 7 and cfg.compress.name == "topk"
+    assert config.from_dict({"optim": {"lr": 1}}).optim.lr == 1.0  # ints are accepted for floats
+
+
+def test_frozen():
+    cfg = config.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run.steps = 3
+    assert config.replace(cfg, "run", steps=3).run.steps == 3 and cfg.run.steps != 3
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"optim": {"lrr": 1}}, "unknown key optim.lrr"),
+    ({"nonsense": {}}, "unknown key nonsense"),
+    ({"run": {"steps": 1.5}}, "run.steps must be int"),
+    ({"run": {"steps": True}}, "run.steps must be int"),
+    ({"optim": {"lr": "fast"}}, "optim.lr must be float"),
+    ({"run": 3}, "[run] must be a table"),
+    ({"optim": {"beta1": 1.0}}, "optim.beta1 must be in [0, 1)"),
+    ({"run": {"workers": 0}}, "run.workers must be > 0"),
+])
+def test_rejections_name_the_key(values, message):
+    with pytest.raises(CdmpiError) as err:
+        config.from_dict(values)
+    assert message in str(err.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(CdmpiError, match="key=value"):
+        config.from_dict({}, ["optim.lr"])
+
+
+def test_invalid_toml_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[run\nsteps = 1")
+    with pytest.raises(CdmpiError, match="not valid TOML"):
+        config.load(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = config.load(path)
+    assert cfg.run.steps > 0
+
+
+def test_logreg_configs_follow_the_paper():
+    for name in ("phishing", "mushrooms", "a9a", "w8a"):
+        cfg = config.load(REPO / "configs" / "logreg" / f"{name}.toml")
+        assert cfg.run.workers == 20 and cfg.compress.name == "scaled_sign"
+        assert (cfg.optim.beta1, cfg.optim.beta2) == (0.9, 0.99)
+        assert round(cfg.optim.lr, 6) in (0.001, 0.003, 0.005, 0.007, 0.009)
+        assert cfg.data.dataset == name and cfg.problem.reg == 0.1
+
+
+def test_digest_changes_with_values():
+    assert config.Config().digest() != config.from_dict({"optim": {"lr": 0.1}}).digest()

@@ -1,0 +1,87 @@
+"""Datasets: LibSVM reading, label mapping, shards, lookup and checksums."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from cdmpi import data
+from cdmpi.errors import CdmpiError
+
+from conftest import SHARED_LIBSVM
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["0", "1", "1"], [-1, 1, 1]), (["1", "2", "1"], [-1, 1, -1]), (["-1", "+1", "+1"], [-1, 1, 1]),
+])
+def test_labels_map_to_plus_minus_one(tmp_path, labels, expected):
+    path = tmp_path / "d.svm"
+    path.write_text("".join(f"{lab} 1:1.5 3:-2\n" for lab in labels))
+    ds = data.read_libsvm(path)
+    np.testing.assert_array_equal(ds.labels, expected)
+    assert ds.n_features == 3
+    np.testing.assert_array_equal(ds.features.toarray()[0], [1.5, 0, -2])
+
+
+def test_one_class_is_an_error(tmp_path):
+    path = tmp_path / "d.svm"
+    path.write_text("1 1:1\n1 2:1\n")
+    with pytest.raises(CdmpiError, match="exactly two label values"):
+        data.read_libsvm(path)
+
+
+def test_malformed_line_is_named(tmp_path):
+    path = tmp_path / "d.svm"
+    path.write_text("1 1:1\n0 2:1\n1 x:1\n")
+    with pytest.raises(CdmpiError, match="line 3"):
+        data.read_libsvm(path)
+
+
+def test_shards_are_contiguous_and_equal():
+    bounds = data.shard_bounds(8124, 20)
+    sizes = [hi - lo for lo, hi in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == 8124 and max(sizes) - min(sizes) <= 1
+    assert all(bounds[i][1] == bounds[i + 1][0] for i in range(19))
+    with pytest.raises(CdmpiError, match="cannot be split"):
+        data.shard_bounds(3, 4)
+
+
+def test_offline_lookup_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMPI_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CDMPI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CDMPI_OFFLINE", "1")
+    with pytest.raises(CdmpiError, match="CDMPI_DATA_DIR"):
+        data.locate("mushrooms")
+
+
+def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "mushrooms").write_text("1 1:1\n0 1:2\n")
+    monkeypatch.setenv("CDMPI_DATA_DIR", str(tmp_path))
+    with pytest.raises(CdmpiError, match="sha256"):
+        data.locate("mushrooms")
+
+
+def test_manifest_checksums_match_the_package():
+    manifest = SHARED_LIBSVM / "MANIFEST.tsv"
+    if not manifest.exists():
+        pytest.skip("no shared LIBSVM folder beside the repository")
+    rows = [line.split("\t") for line in manifest.read_text().splitlines()[1:]]
+    for name, _, n_features, _, sha, size, _ in rows:
+        assert data.LIBSVM_SHA256[name] == sha
+        assert hashlib.sha256((SHARED_LIBSVM / name).read_bytes()).hexdigest() == sha
+
+
+@pytest.mark.parametrize("name, samples, features", [("mushrooms", 8124, 112), ("phishing", 11055, 68)])
+def test_real_datasets_load(name, samples, features, monkeypatch):
+    if not (SHARED_LIBSVM / name).exists():
+        pytest.skip("no shared LIBSVM folder beside the repository")
+    monkeypatch.setenv("CDMPI_DATA_DIR", str(SHARED_LIBSVM))
+    ds = data.load(name)
+    assert (ds.n_samples, ds.n_features) == (samples, features)
+    assert set(np.unique(ds.labels)) == {-1.0, 1.0}
+
+
+def test_synthetic_is_seeded():
+    a, b = data.synthetic(50, 4, seed=1), data.synthetic(50, 4, seed=1)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert not np.array_equal(a.features, data.synthetic(50, 4, seed=2).features)
