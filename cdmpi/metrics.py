@@ -5,6 +5,7 @@ Layout (see the README for the public description):
     /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size,
                       backend, mpi_library, cdmpi_version, created, format_version
     /train/<column>   1-D datasets of equal length, one row per logged step
+    /eval/<column>    (classifier runs) one row per test-set evaluation: step, epoch, loss, accuracy, bits
 
 Rows are buffered in memory and appended every ``flush_every`` rows and at close. The file is opened
 only while a flush runs, so a crash between flushes leaves a closed, readable file.
@@ -32,16 +33,25 @@ TRAIN_COLUMNS = {
     "wall_time": np.float64,  # seconds since the first iteration started
 }
 
+EVAL_COLUMNS = {
+    "step": np.int64,  # completed iterations t
+    "epoch": np.float64,  # t / steps per epoch
+    "loss": np.float64,  # mean cross-entropy over the whole test set (worker 0's x and BN statistics)
+    "accuracy": np.float64,  # fraction of the test set classified correctly
+    "bits_up": np.int64,  # as in /train, for plots of accuracy against bits
+    "bits_down": np.int64,
+}
+
 UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_time": "s"}
 
 
 class MetricsWriter:
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 columns: dict | None = None):
+                 columns: dict | None = None, groups: dict | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
-        self.columns = {"train": dict(columns or TRAIN_COLUMNS)}
-        self._rows: dict[str, list[dict]] = {"train": []}
+        self.columns = {"train": dict(columns or TRAIN_COLUMNS), **(groups or {})}  # group -> columns
+        self._rows: dict[str, list[dict]] = {group: [] for group in self.columns}
         self._last_step: dict[str, int] = {}
         if self.path.exists() and not overwrite:
             raise CdmpiError(f"metrics file {self.path} exists; pass --overwrite or choose another --out")
@@ -87,6 +97,11 @@ class MetricsWriter:
                     ds.resize((start + len(rows),))
                     ds[start:] = np.asarray([r[name] for r in rows], dtype=dtype)
                 rows.clear()
+
+    def set_attrs(self, attrs: dict) -> None:
+        with h5py.File(self.path, "a") as fh:
+            for key, value in attrs.items():
+                fh.attrs[key] = value
 
     def close(self) -> None:
         self.flush()

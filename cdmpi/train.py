@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import __version__, algorithms, compress, problems
-from .config import Config
+from . import __version__, algorithms, compress, devices, problems
+from .config import Config, replace
 from .errors import CdmpiError
-from .metrics import MetricsWriter
+from .metrics import EVAL_COLUMNS, MetricsWriter
+from .problems.classifier import EVAL_SHARE, TRAIN_SHARE
 from .server import ServerRuntime
 from .worker import WorkerRuntime
 
@@ -28,6 +30,9 @@ class Session:
     up: torch.Tensor  # (len(workers), up_nbytes)
     down: torch.Tensor  # (down_nbytes,)
     description: str
+    device: torch.device  # where this process's frames live (its workers', or the server's)
+    steps_per_epoch: int = 0  # 0: no epochs, no lr schedule, no test-set evaluation
+    share_layout: str = "gradient"  # see problems.Built
 
 
 def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = False) -> Session:
@@ -35,14 +40,22 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     torch.set_num_threads(cfg.run.threads)
     n = transport.n_workers
     dtype = DTYPES[cfg.run.dtype]
-    built = problems.build(cfg, n, transport.worker_indices, dtype)
+    worker_device = devices.resolve(cfg.comm.worker_device, transport.local_rank)
+    server_device = devices.resolve(cfg.comm.server_device, transport.local_rank)
+    frame_device = worker_device if transport.worker_indices else server_device
+    transport.configure(cfg.comm.cuda_aware, frame_device)
+    built = problems.build(cfg, n, transport.worker_indices, dtype, worker_device)
+    if cfg.run.epochs:
+        if not built.steps_per_epoch:
+            raise CdmpiError(f"run.epochs needs a problem with epochs (classifier); {cfg.problem.name!r} has none")
+        cfg = replace(cfg, "run", steps=cfg.run.epochs * built.steps_per_epoch)
     make = compress.make
     up = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
     down = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
     algorithm = algorithms.get(cfg.optim.algorithm, cfg.compress.name)
     setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
-    workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i), built.x0,
-                             batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i, worker_device), built.x0,
+                             batch_size=cfg.data.batch_size, seed=cfg.run.seed, device=worker_device)
                for i in transport.worker_indices]
     server = None
     if transport.is_server:
@@ -53,12 +66,38 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
                      "world_size": transport.world_size, "backend": transport.name,
                      "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
                      "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
-                     "down_frame_nbytes": down.frame_nbytes}
-            writer = MetricsWriter(out, attrs, flush_every=cfg.run.flush_every, overwrite=overwrite)
-        server = ServerRuntime(algorithm.server(setting), n, writer)
+                     "down_frame_nbytes": down.frame_nbytes, "steps": cfg.run.steps,
+                     "steps_per_epoch": built.steps_per_epoch}
+            groups = {"eval": EVAL_COLUMNS} if built.steps_per_epoch else {}
+            writer = MetricsWriter(out, attrs, flush_every=cfg.run.flush_every, overwrite=overwrite, groups=groups)
+        server = ServerRuntime(algorithm.server(setting, server_device), n, writer,
+                               share_layout=built.share_layout, steps_per_epoch=built.steps_per_epoch,
+                               device=server_device, down_nbytes=down.frame_nbytes)
     return Session(cfg, transport, built.d, workers, server,
-                   torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8),
-                   torch.zeros(down.frame_nbytes, dtype=torch.uint8), built.description)
+                   torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8, device=frame_device),
+                   torch.zeros(down.frame_nbytes, dtype=torch.uint8, device=frame_device), built.description,
+                   frame_device, built.steps_per_epoch, built.share_layout)
+
+
+def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """optim.lr times lr_gamma for every milestone epoch already completed."""
+    passed = sum(step >= m * steps_per_epoch for m in cfg.optim.lr_milestones)
+    return cfg.optim.lr * cfg.optim.lr_gamma ** passed
+
+
+def is_eval_step(step: int, session: Session) -> bool:
+    """Test-set evaluation: at the start, after every epoch, and after the last step."""
+    spe = session.steps_per_epoch
+    return bool(spe) and (step % spe == 0 or step == session.cfg.run.steps)
+
+
+def record_paths(session: Session) -> None:
+    """Collective: every rank's device and frame path, kept in the metrics file's attributes."""
+    paths = session.transport.allgather(f"{session.device} {session.transport.path}")
+    server = session.server
+    if server is not None and server.writer is not None:
+        server.writer.set_attrs({"comm_paths": json.dumps(paths),
+                                 "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths)))})
 
 
 def is_log_step(step: int, cfg: Config) -> bool:
@@ -74,15 +113,18 @@ def run(session: Session, progress: bool = False) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True)
+    record_paths(session)
     try:
         for t in range(steps + 1):
-            log = is_log_step(t, cfg)
-            shares = [w.compute(log) for w in session.workers]  # gradient at x_t
+            evaluate = is_eval_step(t, session)
+            log = is_log_step(t, cfg) or evaluate
+            shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
             if log:
-                rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, session.d + 1,
+                width = session.d + 1 if session.share_layout == "gradient" else TRAIN_SHARE + EVAL_SHARE * evaluate
+                rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, width,
                                                                                              dtype=torch.float64))
                 if server is not None:
-                    row = server.record(t, rows)
+                    row = server.record(t, rows, evaluate)
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",
                                         refresh=False)
@@ -94,8 +136,9 @@ def run(session: Session, progress: bool = False) -> dict | None:
             if server is not None:
                 server.aggregate(frames, session.down)
             transport.broadcast(session.down)
+            lr = lr_at(t, cfg, session.steps_per_epoch)
             for worker in session.workers:
-                worker.update(session.down, cfg.optim.lr)
+                worker.update(session.down, lr)
             if bar is not None:
                 bar.update(1)
     finally:
