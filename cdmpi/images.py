@@ -49,6 +49,7 @@ class _BatchUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2 (str -> bytes; runs nothing else)
     }
 
     def find_class(self, module, name):
