@@ -21,12 +21,12 @@ fi
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-echo "== gpu_check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "== gpu_check $(date -u +%FT%TZ), commit ${CDMPI_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PYTHON" -c "import torch, mpi4py; from mpi4py import MPI; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| mpi4py', mpi4py.__version__, '|', MPI.Get_library_version().splitlines()[0])"
 
 echo "== 1. tests, device tests on CUDA"
-CDMPI_TEST_DEVICE=cuda timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests
+CDMPI_TEST_DEVICE=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests
 
 echo "== 2. sign packing vs device-to-device copy"
 timeout 60 "$PYTHON" bench/pack_throughput.py cuda
