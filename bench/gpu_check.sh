@@ -26,10 +26,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 "$PYTHON" -c "import torch, mpi4py; from mpi4py import MPI; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| mpi4py', mpi4py.__version__, '|', MPI.Get_library_version().splitlines()[0])"
 
 echo "== 1. tests, device tests on CUDA"
-CDMPI_TEST_DEVICE=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests
+status=0
+CDMPI_TEST_DEVICE=cuda timeout 200 "$PYTHON" -m pytest -q -p no:cacheprovider tests || status=$?
 
 echo "== 2. sign packing vs device-to-device copy"
-timeout 60 "$PYTHON" bench/pack_throughput.py cuda
+timeout 60 "$PYTHON" bench/pack_throughput.py cuda || status=$?
 
 echo "== 3. ResNet-18, 200 steps, 1 server + 2 workers on one GPU (comm.cuda_aware=$CUDA_AWARE)"
 timeout 240 "$MPIEXEC" -n 3 "$PYTHON" -m cdmpi train bench/resnet18_synthetic.toml --quiet --overwrite \
@@ -49,4 +50,5 @@ print(f"bytes/step: up {t['bits_up'][-1] / 8 / steps:.0f} (all workers), down {t
       f"(all workers); fp32 gradients would be {4 * a['dim'] * a['n_workers']} each way")
 print(f"train loss {t['loss'][0]:.4f} -> {t['loss'][-1]:.4f}; test accuracy {r['eval']['accuracy'].tolist()}")
 PY
-echo "== gpu_check done"
+echo "== gpu_check done (status $status: nonzero when the tests or the packing benchmark failed)"
+exit $status
