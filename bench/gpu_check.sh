@@ -8,7 +8,7 @@
 # Overrides: PYTHON=python3  MPIEXEC=<next to PYTHON, else on PATH>  CUDA_AWARE=auto|true|false
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+PYTHON=$(command -v "${PYTHON:-python3}")  # absolute: mpiexec may search another PATH
 OUT=${1:-results/gpu}
 CUDA_AWARE=${CUDA_AWARE:-auto}
 if [[ -z "${MPIEXEC:-}" ]]; then

@@ -87,7 +87,8 @@ class MPITransport:
         self.n_workers = self.world_size - 1
         self.is_server = self.rank == 0
         self.worker_indices = [] if self.is_server else [self.rank - 1]
-        self.mpi_library = MPI.Get_library_version().strip().splitlines()[0].strip()
+        # Open MPI pads the version string with NULs, which HDF5 string attributes refuse.
+        self.mpi_library = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)  # the ranks sharing this node's memory
         self.local_rank = node.Get_rank()
         node.Free()
