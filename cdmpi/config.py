@@ -22,6 +22,7 @@ class RunConfig:
     log_every: int = 1  # one HDF5 row every this many steps (and at step 0 and T)
     flush_every: int = 50  # rows buffered before they are written; a crash loses fewer than this
     threads: int = 1  # torch threads per rank; ranks usually share cores
+    deterministic: bool = True  # CUDA: deterministic cuDNN kernels (MPI and in-process runs then match bit for bit)
     epochs: int = 0  # > 0 (image problems): run.steps = epochs * steps per epoch, which the shards decide
 
 

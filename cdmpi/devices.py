@@ -7,6 +7,12 @@ import torch
 from .errors import CdmpiError
 
 
+def use_deterministic_kernels(on: bool) -> None:
+    """cuDNN picks among convolution kernels, some with atomic adds; fix the choice to deterministic ones."""
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
 def resolve(setting: str, local_rank: int = 0) -> torch.device:
     """auto: cuda:(local_rank mod device count) when CUDA is there, else cpu; cuda: the same, but required;
     cpu or cuda:N: as written."""

@@ -43,6 +43,8 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     worker_device = devices.resolve(cfg.comm.worker_device, transport.local_rank)
     server_device = devices.resolve(cfg.comm.server_device, transport.local_rank)
     frame_device = worker_device if transport.worker_indices else server_device
+    if "cuda" in (worker_device.type, server_device.type):
+        devices.use_deterministic_kernels(cfg.run.deterministic)
     transport.configure(cfg.comm.cuda_aware, frame_device)
     built = problems.build(cfg, n, transport.worker_indices, dtype, worker_device)
     if cfg.run.epochs:
