@@ -14,7 +14,14 @@ endif
 DEMO_RANKS ?= 21
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+# Section 7.1 reproduction: every dataset x method x step size, then the table and figures.
+LOGREG_DATASETS ?= w8a a9a mushrooms phishing
+LOGREG_METHODS ?= cdadam,amsgrad:identity,amsgrad-ef,amsgrad-naive
+LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
+LOGREG_JOBS ?= 2
+LOGREG_RUNS ?= runs/logreg
+
+.PHONY: install demo test clean reproduce-logreg
 
 install: $(VENV)/.installed
 
@@ -29,6 +36,15 @@ demo: install
 	mkdir -p runs
 	$(BIN)/mpiexec -n $(DEMO_RANKS) $(BIN)/cdmpi train configs/logreg/mushrooms.toml --out runs/demo-mushrooms.h5 --overwrite
 	$(BIN)/cdmpi report runs/demo-mushrooms.h5
+
+reproduce-logreg: install
+	$(BIN)/cdmpi sweep $(foreach d,$(LOGREG_DATASETS),configs/logreg/$(d).toml) --grid $(LOGREG_GRID) \
+		--algorithms $(LOGREG_METHODS) --out-dir $(LOGREG_RUNS) --jobs $(LOGREG_JOBS)
+	$(BIN)/cdmpi plot $(LOGREG_RUNS) --best --x bits step --y grad_norm_sq --out results/logreg/grad_norm_sq.png \
+		--title "Section 7.1: best step size per method, n = 20, scaled sign"
+	$(BIN)/cdmpi plot $(LOGREG_RUNS) --best --x bits step --y loss --out results/logreg/loss.png
+	$(BIN)/cdmpi plot $(LOGREG_RUNS) --x step --y grad_norm_sq --out results/logreg/all_step_sizes.png
+	$(PY) results/logreg/make_readme.py $(LOGREG_RUNS) results/logreg/README.md
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .compress import Compressor
+from .compress import COMPRESSORS, Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
-from .markov import MarkovMean, MarkovSequence
+from .markov import ErrorFeedback, FrameReader, MarkovMean, MarkovSequence, mean_of_frames
 
 
 def amsgrad_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, nu) -> None:
@@ -60,13 +60,12 @@ class Setting:
     seed: int
 
 
-class CDAdamWorker:
-    """Algorithm 1 on worker i: lines 5-6 (encode) and 12-16 (update)."""
+class MarkovWorker:
+    """A worker with Markov sequences both ways (Algorithm 1 lines 5-6 and 12); `step_` uses g_tilde."""
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.g_hat = MarkovSequence(s.up, s.dtype, device, s.seed, stream=worker_index + 1)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
-        self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
         self.up_nbytes = s.up.frame_nbytes
         self.down_nbytes = s.down.frame_nbytes
 
@@ -75,20 +74,47 @@ class CDAdamWorker:
 
     def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
         self.g_tilde.receive(down_frame)  # g_tilde += c
-        self.amsgrad.step(params, self.g_tilde.value, lr)
+        self.step_(params, self.g_tilde.value, lr)
+
+    def step_(self, params, direction, lr: float) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"g_hat": self.g_hat.state_dict(), "g_tilde": self.g_tilde.state_dict(),
-                "amsgrad": self.amsgrad.state_dict()}
+        return {"g_hat": self.g_hat.state_dict(), "g_tilde": self.g_tilde.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.g_hat.load_state_dict(state["g_hat"])
         self.g_tilde.load_state_dict(state["g_tilde"])
+
+
+class CDAdamWorker(MarkovWorker):
+    """Algorithm 1 on worker i: lines 5-6 (encode) and 12-16 (update)."""
+
+    def __init__(self, s: Setting, worker_index: int, device="cpu"):
+        super().__init__(s, worker_index, device)
+        self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
+
+    def step_(self, params, direction, lr: float) -> None:
+        self.amsgrad.step(params, direction, lr)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "amsgrad": self.amsgrad.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.amsgrad.load_state_dict(state["amsgrad"])
 
 
+class EF21Worker(MarkovWorker):
+    """EF21 (Richtarik et al. 2021) with Markov compression both ways, as the paper's Section 7.2 extends
+    it: the same frames as CD-Adam, then plain SGD x -= lr g_tilde."""
+
+    def step_(self, params, direction, lr: float) -> None:
+        params.add_(direction, alpha=-lr)
+
+
 class CDAdamServer:
-    """Algorithm 1 on the server: lines 8-10."""
+    """Algorithm 1 on the server: lines 8-10 (also EF21's server)."""
 
     def __init__(self, s: Setting, device="cpu"):
         self.g_hat = MarkovMean(s.up, s.n_workers, s.dtype, device, s.seed)
@@ -108,28 +134,219 @@ class CDAdamServer:
         self.g_tilde.load_state_dict(state["g_tilde"])
 
 
+class DirectAmsgradWorker:
+    """AMSGrad on the decoded server frame, the paper's Section 4 strategies. The worker sends
+    C(g_i + e_i) and keeps e_i with error feedback, or sends C(g_i) without it (naive compression);
+    with the identity compressor and no memory this is uncompressed distributed AMSGrad (Section 3)."""
+
+    error_feedback = False
+
+    def __init__(self, s: Setting, worker_index: int, device="cpu"):
+        self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1, self.error_feedback)
+        self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
+        self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
+        self.up_nbytes = s.up.frame_nbytes
+        self.down_nbytes = s.down.frame_nbytes
+
+    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
+        self.sender.push(grad, up_frame)
+
+    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
+        self.amsgrad.step(params, self.reader.read(down_frame), lr)
+
+    def state_dict(self) -> dict:
+        return {"sender": self.sender.state_dict(), "reader": self.reader.state_dict(),
+                "amsgrad": self.amsgrad.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sender.load_state_dict(state["sender"])
+        self.reader.load_state_dict(state["reader"])
+        self.amsgrad.load_state_dict(state["amsgrad"])
+
+
+class DirectServer:
+    """Averages the n decoded frames q = (1/n) sum_i C_i and sends C(q + e) (with error feedback) or C(q)."""
+
+    error_feedback = False
+
+    def __init__(self, s: Setting, device="cpu"):
+        self.up = s.up
+        self.dtype = s.dtype
+        self.seed = s.seed
+        self.sender = ErrorFeedback(s.down, s.dtype, device, s.seed, 0, self.error_feedback)
+        self.up_nbytes = s.up.frame_nbytes
+        self.down_nbytes = s.down.frame_nbytes
+
+    def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
+        mean = mean_of_frames(self.up, up_frames, self.dtype, self.seed, self.sender.count)
+        self.sender.push(mean, down_frame)
+
+    def state_dict(self) -> dict:
+        return {"sender": self.sender.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sender.load_state_dict(state["sender"])
+
+
+class EFAmsgradWorker(DirectAmsgradWorker):
+    error_feedback = True
+
+
+class EFServer(DirectServer):
+    error_feedback = True
+
+
+def frozen_adam_(params, exp_avg, exp_avg_sq, *, lr, eps) -> None:
+    """x -= lr m / (sqrt(v) + eps): DeepSpeed OnebitAdam's update (no bias correction, eps outside)."""
+    params.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
+
+
+class OnebitAdamWorker:
+    """1-bit Adam (Tang et al. 2021) as DeepSpeed's OnebitAdam runs it. For the first W = warmup_steps
+    steps: uncompressed Adam on the averaged gradient (fp32 frames both ways). Afterwards v is frozen; the
+    worker sends its local momentum m_i = beta1 m + (1 - beta1) g_i through error feedback, the server
+    sends the error-fed compressed mean, and every worker takes that as m."""
+
+    def __init__(self, s: Setting, worker_index: int, device="cpu"):
+        self.optim = s.optim
+        self.compressed = s.up
+        self.full = Identity(s.d)
+        self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1)
+        self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
+        self.full_reader = FrameReader(self.full, s.dtype, s.seed, stream=0)
+        self.down_compressed = s.down
+        self.exp_avg = torch.zeros(s.d, dtype=s.dtype, device=device)
+        self.exp_avg_sq = torch.zeros(s.d, dtype=s.dtype, device=device)
+        self.step = 0
+
+    @property
+    def warm(self) -> bool:
+        return self.step < self.optim.warmup_steps
+
+    @property
+    def up_nbytes(self) -> int:
+        return (self.full if self.warm else self.compressed).frame_nbytes
+
+    @property
+    def down_nbytes(self) -> int:
+        return (self.full if self.warm else self.down_compressed).frame_nbytes
+
+    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
+        if self.warm:
+            self.full.encode(grad, up_frame)
+        else:
+            b1 = self.optim.beta1
+            self.sender.push(self.exp_avg * b1 + grad * (1.0 - b1), up_frame)
+
+    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
+        o = self.optim
+        if self.warm:
+            grad = self.full_reader.read(down_frame)
+            self.exp_avg.mul_(o.beta1).add_(grad, alpha=1.0 - o.beta1)
+            self.exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, value=1.0 - o.beta2)
+        else:
+            self.exp_avg.copy_(self.reader.read(down_frame))
+        frozen_adam_(params, self.exp_avg, self.exp_avg_sq, lr=lr, eps=o.nu)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "sender": self.sender.state_dict(), "reader": self.reader.state_dict(),
+                "full_reader": self.full_reader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.sender.load_state_dict(state["sender"])
+        self.reader.load_state_dict(state["reader"])
+        self.full_reader.load_state_dict(state["full_reader"])
+
+
+class OnebitAdamServer:
+    """Averages fp32 gradients during the warm-up, then error-fed compressed momenta."""
+
+    def __init__(self, s: Setting, device="cpu"):
+        self.optim = s.optim
+        self.up = s.up
+        self.down = s.down
+        self.full = Identity(s.d)
+        self.dtype = s.dtype
+        self.seed = s.seed
+        self.sender = ErrorFeedback(s.down, s.dtype, device, s.seed, 0)
+        self.step = 0
+
+    @property
+    def warm(self) -> bool:
+        return self.step < self.optim.warmup_steps
+
+    @property
+    def up_nbytes(self) -> int:
+        return (self.full if self.warm else self.up).frame_nbytes
+
+    @property
+    def down_nbytes(self) -> int:
+        return (self.full if self.warm else self.down).frame_nbytes
+
+    def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
+        if self.warm:
+            self.full.encode(mean_of_frames(self.full, up_frames, self.dtype, self.seed, self.step), down_frame)
+        else:
+            mean = mean_of_frames(self.up, up_frames, self.dtype, self.seed, self.sender.count)
+            self.sender.push(mean, down_frame)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sender": self.sender.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.sender.load_state_dict(state["sender"])
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str
     worker: type
     server: type
-    compressors: tuple[str, ...]  # the compressors it makes sense with
+    compressors: tuple[str, ...]  # the compressors it makes sense with; the first is its default
     description: str
 
+
+COMPRESSED = ("scaled_sign", "topk", "randk")
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a for a in (
         Algorithm("cdadam", CDAdamWorker, CDAdamServer, ("scaled_sign", "topk", "randk", "identity"),
                   "CD-Adam (Algorithm 1): Markov-compressed both ways, AMSGrad on the workers"),
+        Algorithm("amsgrad", DirectAmsgradWorker, DirectServer, ("identity",),
+                  "uncompressed distributed AMSGrad (Section 3): fp32 frames both ways"),
+        Algorithm("amsgrad-ef", EFAmsgradWorker, EFServer, COMPRESSED,
+                  "AMSGrad with error feedback at every worker and at the server (Section 4)"),
+        Algorithm("amsgrad-naive", DirectAmsgradWorker, DirectServer, COMPRESSED,
+                  "AMSGrad on compressed gradients, compressed again by the server, no memory (Section 4)"),
+        Algorithm("ef21", EF21Worker, CDAdamServer, ("topk", "scaled_sign", "randk"),
+                  "EF21: Markov-compressed both ways (Section 7.2), SGD on the workers"),
+        Algorithm("onebit-adam", OnebitAdamWorker, OnebitAdamServer, COMPRESSED,
+                  "1-bit Adam (Tang et al. 2021): optim.warmup_steps of fp32 Adam, then frozen variance "
+                  "and error-fed compressed momentum"),
     )
 }
 
 
 def get(name: str, compressor: str) -> Algorithm:
+    if compressor != "auto" and compressor not in COMPRESSORS:
+        raise CdmpiError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)} or auto")
     algorithm = ALGORITHMS.get(name)
     if algorithm is None:
         raise CdmpiError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    if compressor not in algorithm.compressors:
+    if compressor != "auto" and compressor not in algorithm.compressors:
         raise CdmpiError(f"algorithm {name!r} does not work with compressor {compressor!r}; "
-                         f"it takes {', '.join(algorithm.compressors)}")
+                         f"it takes {', '.join(algorithm.compressors)} (or auto)")
     return algorithm
+
+
+def compressor_for(name: str, compressor: str) -> str:
+    """The compressor a run uses: the configured one, or the algorithm's default for 'auto'."""
+    algorithm = get(name, compressor)
+    return algorithm.compressors[0] if compressor == "auto" else compressor

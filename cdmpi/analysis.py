@@ -1,17 +1,22 @@
-"""Post-hoc analysis of metrics files: one summary row per run."""
+"""Post-hoc analysis of metrics files: one summary row per run, best step sizes, steps and bits to a target."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
 from . import metrics
+from .errors import CdmpiError
 
 
-def summarize(path) -> dict:
+def summarize(path, target: tuple[str, float] | None = None) -> dict:
+    """One row per run; with target = (column, value), also the first step at which column <= value
+    and the bits (up + down) spent until then (None if never reached)."""
     run = metrics.read(path)
     attrs, train = run["attrs"], run["train"]
+    cfg = json.loads(attrs.get("config", "{}"))
     if len(train["step"]) == 0:
         final_loss = final_g = min_g = float("nan")
         step = bits_up = bits_down = 0
@@ -21,21 +26,73 @@ def summarize(path) -> dict:
         min_g = float(np.min(train["grad_norm_sq"]))
         step = int(train["step"][-1])
         bits_up, bits_down = int(train["bits_up"][-1]), int(train["bits_down"][-1])
-    return {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
-            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
-            "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "bits_up": bits_up,
-            "bits_down": bits_down, "bits_total": bits_up + bits_down}
+    row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
+           "dataset": cfg.get("data", {}).get("dataset"), "lr": cfg.get("optim", {}).get("lr"),
+           "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
+           "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "bits_up": bits_up,
+           "bits_down": bits_down, "bits_total": bits_up + bits_down}
+    if target is not None:
+        column, value = target
+        if column not in train:
+            raise CdmpiError(f"{path}: no column {column!r} to target; it has {', '.join(sorted(train))}")
+        hit = np.flatnonzero(train[column] <= value)
+        row["target"] = f"{column}<={value:g}"
+        row["steps_to_target"] = int(train["step"][hit[0]]) if len(hit) else None
+        row["bits_to_target"] = (int(train["bits_up"][hit[0]] + train["bits_down"][hit[0]])
+                                 if len(hit) else None)
+    return row
+
+
+def best(rows: list[dict]) -> list[dict]:
+    """Per (dataset, algorithm, compressor): the run with the lowest final grad_norm_sq (NaN counts as
+    worst; ties go to the smaller step size), in the order the groups first appear."""
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["dataset"], row["algorithm"], row["compressor"])
+        score = (_nan_last(row["final_grad_norm_sq"]), row["lr"] if row["lr"] is not None else 0.0)
+        if key not in groups or score < groups[key][0]:
+            groups[key] = (score, row)
+    return [row for _, row in groups.values()]
+
+
+def _nan_last(value: float) -> float:
+    return float("inf") if value != value else value
+
+
+def expand(paths) -> list[Path]:
+    """Metrics files named directly, or every *.h5 inside a named folder (sorted)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.h5"))
+            if not found:
+                raise CdmpiError(f"no .h5 files in {path}")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    column, sep, value = text.partition("=")
+    try:
+        return column.strip(), float(value)
+    except ValueError:
+        raise CdmpiError(f"--target expects COLUMN=VALUE, e.g. grad_norm_sq=1e-4; got {text!r}") from None
 
 
 COLUMNS = [("file", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("workers", "{}"), ("steps", "{}"),
            ("final_loss", "{:.6g}"), ("final_grad_norm_sq", "{:.4e}"), ("min_grad_norm_sq", "{:.4e}"),
            ("bits_total", "{:.4e}")]
+BEST_COLUMNS = [("dataset", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("lr", "{:g}"), ("steps", "{}"),
+                ("final_grad_norm_sq", "{:.4e}"), ("bits_total", "{:.4e}"), ("file", "{}")]
+TARGET_COLUMNS = [("steps_to_target", "{}"), ("bits_to_target", "{:.4e}")]
 
 
 def format_table(rows: list[dict], columns=COLUMNS) -> str:
     cells = [[name for name, _ in columns]]
     for row in rows:
-        cells.append([fmt.format(row[name]) for name, fmt in columns])
+        cells.append(["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 

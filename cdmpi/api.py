@@ -36,13 +36,28 @@ class Options:
 
 def _setting(model_or_d, transport, options: Options, device, dtype):
     d = model_or_d if isinstance(model_or_d, int) else sum(p.numel() for p in model_or_d.parameters())
-    up = compress.make(options.compressor, d, ratio=options.ratio)
-    down = compress.make(options.compressor, d, ratio=options.ratio)
+    compressor = algorithms.compressor_for(options.algorithm, options.compressor)
+    up = compress.make(compressor, d, ratio=options.ratio)
+    down = compress.make(compressor, d, ratio=options.ratio)
+    algorithm = algorithms.get(options.algorithm, compressor)
     optim = OptimConfig(algorithm=options.algorithm, lr=options.lr, beta1=options.beta1, beta2=options.beta2,
                         nu=options.nu, weight_decay=options.weight_decay)
-    algorithm = algorithms.get(options.algorithm, options.compressor)
     transport.configure(options.cuda_aware, device)
     return algorithm, algorithms.Setting(d, transport.n_workers, up, down, optim, dtype, options.seed)
+
+
+class _FrameBuffers:
+    """Upload (rows, nbytes) and download buffers by size: a frame size may change (onebit-adam's warm-up)."""
+
+    def __init__(self, device, rows: int):
+        self.device, self.rows, self.cache = device, rows, {}
+
+    def get(self, algorithm) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (algorithm.up_nbytes, algorithm.down_nbytes)
+        if key not in self.cache:
+            self.cache[key] = (torch.zeros(self.rows, key[0], dtype=torch.uint8, device=self.device),
+                               torch.zeros(key[1], dtype=torch.uint8, device=self.device))
+        return self.cache[key]
 
 
 class DistributedOptimizer:
@@ -59,8 +74,7 @@ class DistributedOptimizer:
         flatten_(model, self.flat, self.flat_grad)
         algorithm, setting = _setting(self.flat.numel(), transport, self.options, first.device, first.dtype)
         self.worker = algorithm.worker(setting, transport.worker_indices[0], first.device)
-        self.up = torch.zeros(1, setting.up.frame_nbytes, dtype=torch.uint8, device=first.device)
-        self.down = torch.zeros(setting.down.frame_nbytes, dtype=torch.uint8, device=first.device)
+        self.frames = _FrameBuffers(first.device, 1)
         self.steps = 0
 
     def zero_grad(self) -> None:
@@ -69,10 +83,11 @@ class DistributedOptimizer:
     def step(self, lr: float | None = None) -> None:
         if self.options.weight_decay:
             self.flat_grad.add_(self.flat, alpha=self.options.weight_decay)
-        self.worker.encode(self.flat_grad, self.up[0])
-        self.transport.gather_frames(self.up)
-        self.transport.broadcast(self.down)
-        self.worker.update(self.flat, self.down, self.options.lr if lr is None else lr)
+        up, down = self.frames.get(self.worker)
+        self.worker.encode(self.flat_grad, up[0])
+        self.transport.gather_frames(up)
+        self.transport.broadcast(down)
+        self.worker.update(self.flat, down, self.options.lr if lr is None else lr)
         self.steps += 1
 
     def state_dict(self) -> dict:
@@ -87,11 +102,12 @@ def serve(model_or_d, transport, steps: int, options: Options = Options(), devic
     dtype = torch.float32 if isinstance(model_or_d, int) else next(model_or_d.parameters()).dtype
     algorithm, setting = _setting(model_or_d, transport, options, torch.device(device), dtype)
     server = algorithm.server(setting, device)
-    up = torch.zeros(0, setting.up.frame_nbytes, dtype=torch.uint8, device=device)
-    down = torch.zeros(setting.down.frame_nbytes, dtype=torch.uint8, device=device)
+    frames = _FrameBuffers(device, 0)
+    up_nbytes = down_nbytes = 0
     for _ in range(steps):
+        up, down = frames.get(server)
         server.aggregate(transport.gather_frames(up), down)
         transport.broadcast(down)
-    n = transport.n_workers
-    return {"steps": steps, "up_nbytes": steps * n * setting.up.frame_nbytes,
-            "down_nbytes": steps * n * setting.down.frame_nbytes}
+        up_nbytes += transport.n_workers * up.shape[1]
+        down_nbytes += transport.n_workers * down.numel()
+    return {"steps": steps, "up_nbytes": up_nbytes, "down_nbytes": down_nbytes}

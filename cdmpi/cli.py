@@ -39,8 +39,55 @@ def _report_parser(sub) -> None:
     p = sub.add_parser("report", help="summarise metrics files, one row per run",
                        description="Print algorithm, compressor, workers, steps, final loss, final and "
                                    "minimum grad_norm_sq and total bits of each run.")
-    p.add_argument("files", nargs="+", help="HDF5 metrics files written by `cdmpi train`")
+    p.add_argument("files", nargs="+", help="HDF5 metrics files written by `cdmpi train` or `cdmpi sweep`, "
+                                            "or folders of them")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--best", action="store_true",
+                   help="one row per dataset, algorithm and compressor: the step size with the lowest final "
+                        "grad_norm_sq")
+    p.add_argument("--target", default=None, metavar="COLUMN=VALUE",
+                   help="add the first step at which COLUMN <= VALUE and the bits (up + down) spent until "
+                        "then, e.g. --target grad_norm_sq=1e-4 ('-': never reached)")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="run every combination of configs, algorithms and grid values",
+        description="One HDF5 file per run in --out-dir, named CONFIG_ALGORITHM_KEY=VALUE.h5. A run writes "
+                    "NAME.h5.partial and renames it when done, so an interrupted sweep resumes where it "
+                    "stopped; a finished file from a different config is an error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="TOML config files")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=SPEC",
+                   help="a swept key: start:stop:step (stop excluded), e.g. optim.lr=0.001:0.011:0.002, or "
+                        "a list v1,v2,... (repeatable: the grids are crossed)")
+    p.add_argument("--algorithms", default=None, metavar="A[:C],...",
+                   help="algorithms to run, each with an optional compressor, e.g. "
+                        "cdadam,amsgrad:identity,ef21:topk (default: the config's optim.algorithm)")
+    p.add_argument("--out-dir", required=True, help="folder for the metrics files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="workers per run (default: run.workers)")
+    p.add_argument("--backend", choices=("local", "mpi"), default="local",
+                   help="local: in-process runs in a pool of --jobs processes; mpi: each run under "
+                        "mpiexec -n workers+1, --jobs at a time")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are finished")
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser(
+        "plot", help="draw log-scale curves from metrics files",
+        description="One column per dataset, one row per --x axis, one curve per run (or per algorithm "
+                    "with --best); y on a log scale, bits on a log scale too. Needs matplotlib.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("files", nargs="+", help="metrics files or folders of them")
+    p.add_argument("--x", nargs="+", default=["bits", "step"], choices=("bits", "step"),
+                   help="x axes, one row of panels each: bits (up + down) or step")
+    p.add_argument("--y", default="grad_norm_sq", help="a column of /train: grad_norm_sq, loss, ...")
+    p.add_argument("--best", action="store_true", help="only the best step size of each algorithm")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", required=True, help="PNG (or any format matplotlib writes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cdmpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _sweep_parser(sub)
     _report_parser(sub)
+    _plot_parser(sub)
     return parser
 
 
@@ -120,15 +169,61 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    rows = [analysis.summarize(path) for path in args.files]
-    print(analysis.to_json(rows) if args.json else analysis.format_table(rows))
+    target = analysis.parse_target(args.target) if args.target else None
+    rows = [analysis.summarize(path, target) for path in analysis.expand(args.files)]
+    columns = analysis.COLUMNS
+    if args.best:
+        rows, columns = analysis.best(rows), analysis.BEST_COLUMNS
+    if target is not None:
+        columns = columns + analysis.TARGET_COLUMNS
+    print(analysis.to_json(rows) if args.json else analysis.format_table(rows, columns))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import sweep
+    from .transport import launched_by_mpi
+
+    if launched_by_mpi():
+        raise CdmpiError("run `cdmpi sweep` itself without mpiexec; --backend mpi launches each run")
+    if args.jobs < 1 or (args.workers is not None and args.workers < 1):
+        raise CdmpiError("--jobs and --workers must be >= 1")
+    grids = [sweep.parse_grid(text) for text in args.grid]
+    specs = sweep.parse_algorithms(args.algorithms) if args.algorithms else [(None, None)]
+    if specs == [(None, None)]:
+        specs = [(config.load(args.configs[0], args.overrides).optim.algorithm, None)]
+    runs = sweep.plan(args.configs, specs, grids, args.out_dir, args.overrides)
+    if args.dry_run:
+        for run in runs:
+            state = "finished" if sweep.is_finished(run, args.workers or run.cfg.run.workers) else "to run"
+            print(f"{run.out}  {state}")
+        return 0
+    mpiexec = None
+    if args.backend == "mpi":
+        from shutil import which
+
+        local = Path(sys.executable).parent / "mpiexec"
+        mpiexec = str(local) if local.exists() else which("mpiexec")
+    ran, skipped = sweep.execute(runs, workers=args.workers, backend=args.backend, jobs=args.jobs,
+                                 mpiexec=mpiexec, log=lambda m: print(m, flush=True))
+    print(f"cdmpi sweep: {ran} run, {skipped} skipped -> {args.out_dir}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import plot
+
+    out = plot.figure(analysis.expand(args.files), xs=args.x, y=args.y, out=args.out, best_only=args.best,
+                      title=args.title)
+    print(f"cdmpi: wrote {out}")
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "report": cmd_report}[args.command](args)
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot}
+        return commands[args.command](args)
     except CdmpiError as err:
         print(f"cdmpi: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -18,6 +18,7 @@ class Compressor:
     """A pure compressor over flat vectors of length d."""
 
     name = ""
+    keyed = False  # True if encode/decode use the shared key (random-k); others ignore it
 
     def __init__(self, d: int):
         self.d = d
@@ -116,6 +117,7 @@ class RandK(_Sparse):
     """k coordinates chosen by a generator seeded with key, which sender and receiver share."""
 
     name = "randk"
+    keyed = True
 
     @property
     def frame_nbytes(self) -> int:
@@ -164,3 +166,8 @@ def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0) -> Compressor:
 def stream_key(seed: int, stream: int, step: int) -> int:
     """The shared seed of one frame (random-k): a stream is 0 for the server, i + 1 for worker i."""
     return int(np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def frame_key(compressor: Compressor, seed: int, stream: int, step: int) -> int:
+    """stream_key for compressors that use it, else 0: a SeedSequence costs more than a sign frame."""
+    return stream_key(seed, stream, step) if compressor.keyed else 0

@@ -52,7 +52,8 @@ class OptimConfig:
     lr: float = 0.005
     beta1: float = 0.9
     beta2: float = 0.99
-    nu: float = 1e-8  # V = diag(v_hat + nu)
+    nu: float = 1e-8  # V = diag(v_hat + nu); onebit-adam adds it outside the square root, as DeepSpeed does
+    warmup_steps: int = 100  # onebit-adam: uncompressed Adam steps before the variance is frozen
     weight_decay: float = 0.0  # classifier: wd * x is added to each worker's minibatch gradient (coupled L2)
     lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma (needs run.epochs)
     lr_gamma: float = 0.1
@@ -60,7 +61,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class CompressConfig:
-    name: str = "scaled_sign"  # scaled_sign | topk | randk | identity
+    name: str = "auto"  # scaled_sign | topk | randk | identity | auto (the algorithm's default compressor)
     ratio: float = 0.016  # topk/randk: k = max(1, round(ratio * d)) unless k > 0
     k: int = 0
 
@@ -122,6 +123,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if cfg.optim.warmup_steps < 0:
+        raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
 

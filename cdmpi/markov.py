@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .compress import Compressor, stream_key
+from .compress import Compressor, frame_key
 
 
 class MarkovSequence:
@@ -22,7 +22,7 @@ class MarkovSequence:
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device), self._key())
 
     def _key(self) -> int:
-        return stream_key(self.seed, self.stream, self.count)
+        return frame_key(self.compressor, self.seed, self.stream, self.count)
 
     def push(self, target: torch.Tensor, frame: torch.Tensor) -> None:
         """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes."""
@@ -51,14 +51,14 @@ class MarkovMean:
         self.seed = seed
         self.count = 0
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device),
-                                stream_key(seed, 1, 0))
+                                frame_key(compressor, seed, 1, 0))
         self._sum = torch.empty_like(self.value)
 
     def receive_all(self, frames: torch.Tensor) -> None:
         """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
         self._sum.zero_()
         for i in range(self.n_workers):
-            self.compressor.decode_add_(frames[i], self._sum, stream_key(self.seed, i + 1, self.count))
+            self.compressor.decode_add_(frames[i], self._sum, frame_key(self.compressor, self.seed, i + 1, self.count))
         self.value.add_(self._sum, alpha=1.0 / self.n_workers)
         self.count += 1
 
@@ -68,3 +68,70 @@ class MarkovMean:
     def load_state_dict(self, state: dict) -> None:
         self.value.copy_(state["value"])
         self.count = int(state["count"])
+
+
+class ErrorFeedback:
+    """A sender with error-feedback memory (Karimireddy et al. 2019): p = target + e, send C(p), e = p - C(p).
+
+    With ``memory=False`` it sends C(target) and keeps no error (naive compression). `stream` names the
+    sender as in MarkovSequence; `count` advances once per frame so random-k keys match the receiver's.
+    """
+
+    def __init__(self, compressor: Compressor, dtype: torch.dtype, device, seed: int, stream: int,
+                 memory: bool = True):
+        self.compressor = compressor
+        self.seed = seed
+        self.stream = stream
+        self.memory = memory
+        self.count = 0
+        self.error = torch.zeros(compressor.d, dtype=dtype, device=device)
+
+    def push(self, target: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+        """Write C(target + e) into frame and return it as the receivers decode it."""
+        key = frame_key(self.compressor, self.seed, self.stream, self.count)
+        p = target + self.error if self.memory else target
+        self.compressor.encode(p, frame, key)
+        sent = self.compressor.decode(frame, p.dtype, key)
+        if self.memory:
+            torch.sub(p, sent, out=self.error)  # the error the next frame carries back
+        self.count += 1
+        return sent
+
+    def state_dict(self) -> dict:
+        return {"error": self.error.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.error.copy_(state["error"])
+        self.count = int(state["count"])
+
+
+class FrameReader:
+    """The receiving end of a stream without memory: decodes frame number `count` of sender `stream`."""
+
+    def __init__(self, compressor: Compressor, dtype: torch.dtype, seed: int, stream: int):
+        self.compressor = compressor
+        self.dtype = dtype
+        self.seed = seed
+        self.stream = stream
+        self.count = 0
+
+    def read(self, frame: torch.Tensor) -> torch.Tensor:
+        value = self.compressor.decode(frame, self.dtype, frame_key(self.compressor, self.seed, self.stream, self.count))
+        self.count += 1
+        return value
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+
+
+def mean_of_frames(compressor: Compressor, frames: torch.Tensor, dtype: torch.dtype, seed: int,
+                   count: int) -> torch.Tensor:
+    """(1/n) sum_i C_i over the n rows of frames (row i from worker i, its frame number `count`),
+    summed in worker order so every backend gets the same bits."""
+    total = torch.zeros(compressor.d, dtype=dtype, device=frames.device)
+    for i in range(frames.shape[0]):
+        compressor.decode_add_(frames[i], total, frame_key(compressor, seed, i + 1, count))
+    return total.div_(frames.shape[0])

@@ -11,14 +11,14 @@ from .problems.classifier import TRAIN_SHARE
 
 class ServerRuntime:
     def __init__(self, algorithm_server, n_workers: int, writer=None, *, share_layout: str = "gradient",
-                 steps_per_epoch: int = 0, device="cpu", down_nbytes: int = 0):
+                 steps_per_epoch: int = 0, device="cpu"):
         self.algorithm = algorithm_server
         self.n_workers = n_workers
         self.writer = writer
         self.share_layout = share_layout
         self.steps_per_epoch = steps_per_epoch
         self.device = torch.device(device)
-        self._down = torch.zeros(down_nbytes, dtype=torch.uint8, device=self.device)
+        self._down: dict[int, torch.Tensor] = {}  # server-side copies of down frames, by size
         self.bits_up = 0
         self.bits_down = 0
         self.start_time = time.perf_counter()
@@ -28,7 +28,9 @@ class ServerRuntime:
     def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
         """up_frames and down_frame may live elsewhere than the server's device (in-process runs)."""
         frames = up_frames.to(self.device)
-        out = down_frame if down_frame.device == self.device else self._down
+        out = down_frame
+        if down_frame.device != self.device:
+            out = self._down.setdefault(down_frame.numel(), torch.empty_like(down_frame, device=self.device))
         self.algorithm.aggregate(frames, out)
         if out is not down_frame:
             down_frame.copy_(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,12 +27,27 @@ class Session:
     d: int
     workers: list[WorkerRuntime]  # the workers that live in this process
     server: ServerRuntime | None  # on the server's process only
-    up: torch.Tensor  # (len(workers), up_nbytes)
-    down: torch.Tensor  # (down_nbytes,)
     description: str
     device: torch.device  # where this process's frames live (its workers', or the server's)
     steps_per_epoch: int = 0  # 0: no epochs, no lr schedule, no test-set evaluation
     share_layout: str = "gradient"  # see problems.Built
+    # Frame buffers by size, made once and reused: an algorithm's frame size may change (onebit-adam).
+    _up: dict = field(default_factory=dict)
+    _down: dict = field(default_factory=dict)
+
+    def frame_nbytes(self) -> tuple[int, int]:
+        """(up, down) frame sizes of the coming step; every process's algorithm agrees on them."""
+        algorithm = self.workers[0].algorithm if self.workers else self.server.algorithm
+        return algorithm.up_nbytes, algorithm.down_nbytes
+
+    def frame_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers on this process's frame device."""
+        up_nbytes, down_nbytes = self.frame_nbytes()
+        if up_nbytes not in self._up:
+            self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8, device=self.device)
+        if down_nbytes not in self._down:
+            self._down[down_nbytes] = torch.zeros(down_nbytes, dtype=torch.uint8, device=self.device)
+        return self._up[up_nbytes], self._down[down_nbytes]
 
 
 def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = False) -> Session:
@@ -52,9 +67,10 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
             raise CdmpiError(f"run.epochs needs a problem with epochs (classifier); {cfg.problem.name!r} has none")
         cfg = replace(cfg, "run", steps=cfg.run.epochs * built.steps_per_epoch)
     make = compress.make
-    up = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
-    down = make(cfg.compress.name, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
-    algorithm = algorithms.get(cfg.optim.algorithm, cfg.compress.name)
+    compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
+    up = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    down = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
+    algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
     workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i, worker_device), built.x0,
                              batch_size=cfg.data.batch_size, seed=cfg.run.seed, device=worker_device)
@@ -64,7 +80,7 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
         writer = None
         if out is not None:
             attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
-                     "compressor": cfg.compress.name, "n_workers": n, "dim": built.d,
+                     "compressor": compressor, "n_workers": n, "dim": built.d,
                      "world_size": transport.world_size, "backend": transport.name,
                      "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
                      "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
@@ -74,11 +90,9 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
             writer = MetricsWriter(out, attrs, flush_every=cfg.run.flush_every, overwrite=overwrite, groups=groups)
         server = ServerRuntime(algorithm.server(setting, server_device), n, writer,
                                share_layout=built.share_layout, steps_per_epoch=built.steps_per_epoch,
-                               device=server_device, down_nbytes=down.frame_nbytes)
-    return Session(cfg, transport, built.d, workers, server,
-                   torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8, device=frame_device),
-                   torch.zeros(down.frame_nbytes, dtype=torch.uint8, device=frame_device), built.description,
-                   frame_device, built.steps_per_epoch, built.share_layout)
+                               device=server_device)
+    return Session(cfg, transport, built.d, workers, server, built.description, frame_device,
+                   built.steps_per_epoch, built.share_layout)
 
 
 def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
@@ -132,15 +146,16 @@ def run(session: Session, progress: bool = False) -> dict | None:
                                         refresh=False)
             if t == steps:
                 break
+            up, down = session.frame_buffers()
             for i, worker in enumerate(session.workers):
-                worker.encode(session.up[i])
-            frames = transport.gather_frames(session.up)
+                worker.encode(up[i])
+            frames = transport.gather_frames(up)
             if server is not None:
-                server.aggregate(frames, session.down)
-            transport.broadcast(session.down)
+                server.aggregate(frames, down)
+            transport.broadcast(down)
             lr = lr_at(t, cfg, session.steps_per_epoch)
             for worker in session.workers:
-                worker.update(session.down, lr)
+                worker.update(down, lr)
             if bar is not None:
                 bar.update(1)
     finally:

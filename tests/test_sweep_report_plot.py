@@ -1,0 +1,102 @@
+"""cdmpi sweep / report --best --target / plot, through the command line."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from cdmpi import sweep
+from cdmpi.errors import CdmpiError
+
+from conftest import run_cdmpi
+
+SWEEP = ["--grid", "optim.lr=0.004:0.013:0.008", "--algorithms", "cdadam,amsgrad:identity",
+         "--set", "run.steps=15", "--workers", 2]
+
+
+def test_grid_values_are_exact():
+    assert sweep.parse_grid("optim.lr=0.001:0.011:0.002") == ("optim.lr", [0.001, 0.003, 0.005, 0.007, 0.009])
+    assert sweep.parse_grid("run.steps=10:31:10") == ("run.steps", [10, 20, 30])
+    assert sweep.parse_grid('compress.name=topk,"randk"') == ("compress.name", ["topk", "randk"])
+    with pytest.raises(CdmpiError, match="start:stop:step"):
+        sweep.parse_grid("optim.lr=a:b:c")
+
+
+def test_sweep_resumes_and_refuses_a_changed_config(tmp_path, small_config):
+    out = tmp_path / "sweep"
+    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out])
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.glob("*.h5"))
+    assert files == ["small_amsgrad-identity_lr=0.004.h5", "small_amsgrad-identity_lr=0.012.h5",
+                     "small_cdadam_lr=0.004.h5", "small_cdadam_lr=0.012.h5"]
+    # An interrupted run leaves only a .partial file: the restart runs just that one.
+    victim = out / "small_cdadam_lr=0.012.h5"
+    before = h5py.File(victim, "r")["train"]["grad_norm_sq"][()]
+    victim.rename(victim.with_name(victim.name + ".partial"))
+    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out])
+    assert r.returncode == 0, r.stderr
+    assert "4 runs, 3 already finished, 1 to run" in r.stdout
+    np.testing.assert_array_equal(h5py.File(victim, "r")["train"]["grad_norm_sq"][()], before)
+    assert not list(out.glob("*.partial"))
+    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out, "--set", "run.steps=16"])
+    assert r.returncode == 2 and "exists from a different config" in r.stderr
+
+
+def test_sweep_rejects_nonsense_pairs(tmp_path, small_config):
+    r = run_cdmpi(["sweep", small_config, "--algorithms", "amsgrad:scaled_sign", "--out-dir", tmp_path])
+    assert r.returncode == 2
+    assert "algorithm 'amsgrad' does not work with compressor 'scaled_sign'" in r.stderr
+    r = run_cdmpi(["sweep", small_config, "--algorithms", "adamw", "--out-dir", tmp_path])
+    assert r.returncode == 2 and "unknown algorithm 'adamw'" in r.stderr
+
+
+def _final(path):
+    with h5py.File(path, "r") as fh:
+        return fh["train"]["grad_norm_sq"][-1], json.loads(fh.attrs["config"])["optim"]["lr"]
+
+
+def test_report_best_and_target_match_the_files(tmp_path, small_config):
+    out = tmp_path / "sweep"
+    assert run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out]).returncode == 0
+    target = 0.05
+    r = run_cdmpi(["report", out, "--best", "--target", f"grad_norm_sq={target}", "--json"])
+    assert r.returncode == 0, r.stderr
+    rows = {row["algorithm"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == {"cdadam", "amsgrad"}
+    for name, row in rows.items():
+        finals = {lr: g for g, lr in (_final(p) for p in out.glob(f"small_{name}*.h5"))}
+        assert row["lr"] == min(finals, key=finals.get)  # the lowest final grad_norm_sq
+        with h5py.File(row["file"], "r") as fh:
+            g = fh["train"]["grad_norm_sq"][()]
+            bits = fh["train"]["bits_up"][()] + fh["train"]["bits_down"][()]
+        first = next((i for i, value in enumerate(g) if value <= target), None)
+        assert first is not None  # the target is loose enough for both
+        assert row["steps_to_target"] == first and row["bits_to_target"] == bits[first]
+    r = run_cdmpi(["report", out, "--target", "accuracy=1"])
+    assert r.returncode == 2 and "no column 'accuracy'" in r.stderr
+
+
+def test_plot_writes_a_png(tmp_path, small_config):
+    out = tmp_path / "sweep"
+    assert run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out]).returncode == 0
+    png = tmp_path / "fig.png"
+    r = run_cdmpi(["plot", out, "--x", "bits", "step", "--y", "loss", "--best", "--out", png])
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    r = run_cdmpi(["plot", out, "--y", "nope", "--out", png])
+    assert r.returncode == 2 and "no column 'nope'" in r.stderr
+
+
+def test_sweep_under_mpi_matches_in_process(tmp_path, small_config):
+    args = [small_config, "--grid", "optim.lr=0.01,0.02", "--algorithms", "onebit-adam", "--set", "run.steps=10",
+            "--set", "optim.warmup_steps=4", "--workers", 2]
+    r1 = run_cdmpi(["sweep", *args, "--out-dir", tmp_path / "local"])
+    r2 = run_cdmpi(["sweep", *args, "--out-dir", tmp_path / "mpi", "--backend", "mpi", "--jobs", 2],
+                   timeout=240)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    for name in ("small_onebit-adam_lr=0.01.h5", "small_onebit-adam_lr=0.02.h5"):
+        with h5py.File(tmp_path / "local" / name, "r") as a, h5py.File(tmp_path / "mpi" / name, "r") as b:
+            assert a.attrs["backend"] == "local" and b.attrs["backend"] == "mpi"
+            for column in ("loss", "grad_norm_sq", "bits_up"):
+                np.testing.assert_array_equal(a["train"][column][()], b["train"][column][()])
