@@ -83,7 +83,8 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists), so a dict read back from a metrics file compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
