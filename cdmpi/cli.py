@@ -18,7 +18,11 @@ def _train_parser(sub) -> None:
     p = sub.add_parser(
         "train", help="run one training job (under mpiexec for the MPI backend)",
         description="Train with the configured algorithm. Under `mpiexec -n N+1`, rank 0 is the server "
-                    "and ranks 1..N are workers; without an MPI launcher, N workers run in this process.",
+                    "and ranks 1..N are workers; without an MPI launcher, N workers run in this process. "
+                    "Problems: logreg (Section 7.1) and classifier (problem.model resnet18 | vgg16 | wrn16_4 | "
+                    "small_cnn on data.dataset cifar10 | digits | synthetic_images; Section 7.2 configs in "
+                    "configs/cifar10; writes an HDF5 group eval with test loss and accuracy every epoch). "
+                    "Devices: comm.worker_device, comm.server_device, comm.cuda_aware = auto | true | false.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",

@@ -197,3 +197,20 @@ def test_custom_model_example_under_mpiexec(tmp_path):
     assert final["0"][1] == final["1"][1]  # both workers hold the same parameters
     assert all(final[w][0] < 0.5 * first[w] for w in final)
     assert "server:" in r.stdout
+
+
+def test_cifar10_configs_hold_the_section_7_2_setup():
+    from pathlib import Path
+
+    files = sorted(Path(REPO / "configs" / "cifar10").glob("*.toml"))
+    assert len(files) == 12
+    for path in files:
+        cfg = config.load(path)
+        assert (cfg.run.workers, cfg.run.epochs, cfg.data.batch_size) == (8, 100, 128)
+        assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.99, 5e-4)
+        assert cfg.optim.lr_milestones == (50, 75) and cfg.optim.lr_gamma == 0.1
+        assert cfg.optim.lr == (0.1 if cfg.optim.algorithm == "ef21" else 1e-4)
+        if cfg.optim.algorithm == "ef21":
+            assert cfg.compress.name == "topk" and cfg.compress.ratio == 0.016
+        if cfg.optim.algorithm == "onebit-adam":
+            assert cfg.optim.warmup_steps == 13 * (50_000 // 8 // 128)  # 13 epochs
