@@ -214,3 +214,33 @@ def test_cifar10_configs_hold_the_section_7_2_setup():
             assert cfg.compress.name == "topk" and cfg.compress.ratio == 0.016
         if cfg.optim.algorithm == "onebit-adam":
             assert cfg.optim.warmup_steps == 13 * (50_000 // 8 // 128)  # 13 epochs
+
+
+def test_training_row_is_mean_minibatch_loss_and_mean_squared_gradient_norm():
+    """The shares of step 0, against the README's definition computed here with plain autograd."""
+    import torch.nn.functional as F
+
+    from cdmpi.transport import LocalTransport
+
+    cfg = config.from_dict({"run": {"steps": 1, "workers": 2, "dtype": "float32", "seed": 4},
+                            "data": {"dataset": "digits", "batch_size": 16, "augment": False},
+                            "problem": {"name": "classifier", "model": "small_cnn"},
+                            "optim": {"weight_decay": 0.01}})
+    session = train.setup(cfg, LocalTransport(2), out=None)
+    shares = torch.stack([w.compute(True) for w in session.workers]).sum(0)
+    ds = images.digits(seed=4)
+    bounds = [(0, len(ds.train_labels) // 2), (len(ds.train_labels) // 2, len(ds.train_labels))]
+    losses, norms = [], []
+    for i, (lo, hi) in enumerate(bounds):
+        torch.manual_seed(4)
+        model = nets.NETWORKS["small_cnn"]()
+        rows = EpochSampler(hi - lo, 16, seed=4, index=i).next()
+        x = (ds.train_images[lo:hi][rows] - ds.mean[0]) / ds.std[0]
+        loss = F.cross_entropy(model(x), ds.train_labels[lo:hi][rows])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        g = torch.cat([gr.reshape(-1) for gr in grads]) + 0.01 * torch.nn.utils.parameters_to_vector(
+            model.parameters()).detach()
+        losses.append(loss.item())
+        norms.append(float(g.double().pow(2).sum()))
+    assert float(shares[0]) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert float(shares[1]) == pytest.approx(np.mean(norms), rel=1e-4)
