@@ -63,7 +63,8 @@ def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> B
     shards = {}
     for i in worker_indices:
         lo, hi = bounds[i]
-        shards[i] = ImageShard(network(), ds.train_images[lo:hi], ds.train_labels[lo:hi], mean=ds.mean,
+        # clone: a view would keep the whole training set alive in every worker process
+        shards[i] = ImageShard(network(), ds.train_images[lo:hi].clone(), ds.train_labels[lo:hi].clone(), mean=ds.mean,
                                std=ds.std, augment=cfg.data.augment, n_workers=n_workers,
                                weight_decay=cfg.optim.weight_decay, seed=cfg.run.seed, index=i,
                                test=(ds.test_images, ds.test_labels) if i == 0 else None, dtype=dtype,
