@@ -21,7 +21,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test clean reproduce-logreg
+.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,14 @@ reproduce-logreg: install
 	$(BIN)/cdmpi plot $(LOGREG_RUNS) --best --x bits step --y loss --out results/logreg/loss.png
 	$(BIN)/cdmpi plot $(LOGREG_RUNS) --x step --y grad_norm_sq --out results/logreg/all_step_sizes.png
 	$(PY) results/logreg/make_readme.py $(LOGREG_RUNS) results/logreg/README.md
+
+# Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 5 minutes).
+reproduce-digits: install
+	BIN=$(BIN) results/digits/reproduce.sh
+
+# On a machine with a GPU: tests on CUDA, packing throughput, 200 ResNet-18 steps (under 5 minutes).
+gpu-check: install
+	PYTHON=$(PY) bench/gpu_check.sh results/gpu
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS) tests

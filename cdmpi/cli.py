@@ -22,6 +22,10 @@ def _train_parser(sub) -> None:
         description="Train with the configured algorithm. Under `mpiexec -n N+1`, rank 0 is the server "
                     "and ranks 1..N are workers; without an MPI launcher, N workers run in this process. "
                     "Checkpoints go to <out>.ckpt/ every checkpoint.every steps, at the end and on SIGTERM. "
+                    "Problems: logreg (Section 7.1) and classifier (problem.model resnet18 | vgg16 | wrn16_4 | "
+                    "small_cnn on data.dataset cifar10 | digits | synthetic_images; Section 7.2 configs in "
+                    "configs/cifar10; writes an HDF5 group eval with test loss and accuracy every epoch). "
+                    "Devices: comm.worker_device, comm.server_device, comm.cuda_aware = auto | true | false. "
                     f"Exit codes: 0 done; {EXIT_FAILURE} failed during training (every rank ends); "
                     f"{EXIT_BAD_INPUT} bad input; {EXIT_STOPPED} stopped by SIGTERM after a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -22,6 +22,8 @@ class RunConfig:
     log_every: int = 1  # one HDF5 row every this many steps (and at step 0 and T)
     flush_every: int = 50  # rows buffered before they are written; a crash loses fewer than this
     threads: int = 1  # torch threads per rank; ranks usually share cores
+    deterministic: bool = True  # CUDA: deterministic cuDNN kernels (MPI and in-process runs then match bit for bit)
+    epochs: int = 0  # > 0 (image problems): run.steps = epochs * steps per epoch, which the shards decide
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class DataConfig:
     batch_size: int = 0  # tau; 0: full local gradient
     samples: int = 2000  # synthetic only
     features: int = 50  # synthetic only
+    augment: bool = True  # images: random crop with 4-pixel padding and horizontal flip on training batches
+    image_size: int = 32  # synthetic_images only: height = width
+    test_samples: int = 200  # synthetic_images only: size of the test set
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ProblemConfig:
     name: str = "logreg"
     reg: float = 0.1  # lambda of the nonconvex regulariser
     init_scale: float = 0.0  # x_1 = init_scale * N(0, I), seeded by run.seed
+    model: str = "resnet18"  # classifier: resnet18 | vgg16 | wrn16_4 | small_cnn (cdmpi.nets.NETWORKS)
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class OptimConfig:
     beta2: float = 0.99
     nu: float = 1e-8  # V = diag(v_hat + nu); onebit-adam adds it outside the square root, as DeepSpeed does
     warmup_steps: int = 100  # onebit-adam: uncompressed Adam steps before the variance is frozen
+    weight_decay: float = 0.0  # classifier: wd * x is added to each worker's minibatch gradient (coupled L2)
+    lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma (needs run.epochs)
+    lr_gamma: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,13 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class CommConfig:
+    cuda_aware: str = "auto"  # auto | true | false: hand device buffers to MPI directly, or stage via host
+    worker_device: str = "auto"  # auto: cuda:(local rank mod device count) when CUDA is there, else cpu
+    server_device: str = "cpu"  # cpu | cuda | cuda:N: where rank 0 aggregates
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -73,9 +89,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON types (tuples become lists), so a dict read back from a metrics file compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -105,6 +123,20 @@ def _check_choices(cfg: Config) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise CdmpiError(f"config: checkpoint.every and checkpoint.keep must be >= 0, got "
                          f"{cfg.checkpoint.every!r} and {cfg.checkpoint.keep!r}")
+    if cfg.run.epochs < 0 or cfg.optim.weight_decay < 0 or not 0.0 < cfg.optim.lr_gamma <= 1.0:
+        raise CdmpiError(f"config: run.epochs and optim.weight_decay must be >= 0 and optim.lr_gamma in (0, 1]; "
+                         f"got {cfg.run.epochs!r}, {cfg.optim.weight_decay!r}, {cfg.optim.lr_gamma!r}")
+    if list(cfg.optim.lr_milestones) != sorted(set(cfg.optim.lr_milestones)) or any(
+            m < 1 for m in cfg.optim.lr_milestones):
+        raise CdmpiError(f"config: optim.lr_milestones must be increasing epochs >= 1, got "
+                         f"{list(cfg.optim.lr_milestones)!r}")
+    if cfg.optim.lr_milestones and not cfg.run.epochs:
+        raise CdmpiError("config: optim.lr_milestones are epochs and need run.epochs > 0")
+    if cfg.comm.cuda_aware not in ("auto", "true", "false"):
+        raise CdmpiError(f"config: comm.cuda_aware must be 'auto', 'true' or 'false', got {cfg.comm.cuda_aware!r}")
+    for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
     if cfg.optim.warmup_steps < 0:
         raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
     if not 0.0 < cfg.compress.ratio <= 1.0:
@@ -113,6 +145,13 @@ def _check_choices(cfg: Config) -> None:
 
 def _coerce(key: str, value, hint):
     """Check one value against its annotated type; ints are accepted where floats are expected."""
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...] written as a TOML array
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise CdmpiError(f"config: {key} must be an array of {item.__name__}, got {type(value).__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if key == "comm.cuda_aware" and isinstance(value, bool):  # a TOML true/false is as good as "true"/"false"
+        return str(value).lower()
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):

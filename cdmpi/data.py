@@ -68,11 +68,10 @@ def _checked(path: Path, name: str) -> Path:
     return path
 
 
-def download(name: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Fetch a LIBSVM file into dest, atomically, and check its sha256."""
-    url = LIBSVM_URL.format(name=name)
+def fetch(url: str, dest: Path, sha256: str, name: str, timeout: float = 60.0) -> Path:
+    """Download url into dest atomically; keep it only if its sha256 matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{name}.", delete=False) as tmp:
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 shutil.copyfileobj(response, tmp)
@@ -81,13 +80,18 @@ def download(name: str, dest: Path, timeout: float = 60.0) -> Path:
             raise CdmpiError(
                 f"dataset {name!r} is not in ${DATA_DIR_ENV} ({os.environ.get(DATA_DIR_ENV) or 'unset'}) "
                 f"nor in the cache {dest.parent}, and downloading {url} failed ({err}). Offline? Put the "
-                f"LIBSVM file in a folder and set {DATA_DIR_ENV} to that folder.") from None
+                f"file in a folder and set {DATA_DIR_ENV} to that folder.") from None
     tmp_path = Path(tmp.name)
-    if sha256_of(tmp_path) != LIBSVM_SHA256[name]:
+    if sha256_of(tmp_path) != sha256:
         tmp_path.unlink()
         raise CdmpiError(f"downloaded {url} does not match its sha256; not kept")
     os.replace(tmp_path, dest)
     return dest
+
+
+def download(name: str, dest: Path, timeout: float = 60.0) -> Path:
+    """Fetch a LIBSVM file into dest, atomically, and check its sha256."""
+    return fetch(LIBSVM_URL.format(name=name), dest, LIBSVM_SHA256[name], name, timeout)
 
 
 def locate(name: str, allow_download: bool = True) -> Path:

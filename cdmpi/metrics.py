@@ -6,6 +6,7 @@ Layout (see the README for the public description):
                       backend, mpi_library, cdmpi_version, created, format_version
     /train/<column>   1-D datasets of equal length, one row per logged step
     /final/params     the workers' final x (float64), written when the run ends
+    /eval/<column>    (classifier runs) one row per test-set evaluation: step, epoch, loss, accuracy, bits
 
 Rows are buffered in memory and appended every ``flush_every`` rows and at close. A flush appends to a
 copy of the file and renames it over the original, so a crash at any moment, even inside a flush, leaves
@@ -37,16 +38,25 @@ TRAIN_COLUMNS = {
     "wall_time": np.float64,  # seconds since the first iteration started
 }
 
+EVAL_COLUMNS = {
+    "step": np.int64,  # completed iterations t
+    "epoch": np.float64,  # t / steps per epoch
+    "loss": np.float64,  # mean cross-entropy over the whole test set (worker 0's x and BN statistics)
+    "accuracy": np.float64,  # fraction of the test set classified correctly
+    "bits_up": np.int64,  # as in /train, for plots of accuracy against bits
+    "bits_down": np.int64,
+}
+
 UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_time": "s"}
 
 
 class MetricsWriter:
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 columns: dict | None = None, resume_step: int | None = None):
+                 columns: dict | None = None, groups: dict | None = None, resume_step: int | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
-        self.columns = {"train": dict(columns or TRAIN_COLUMNS)}
-        self._rows: dict[str, list[dict]] = {"train": []}
+        self.columns = {"train": dict(columns or TRAIN_COLUMNS), **(groups or {})}  # group -> columns
+        self._rows: dict[str, list[dict]] = {group: [] for group in self.columns}
         self._last_step: dict[str, int] = {}
         if resume_step is not None:
             self._resume(attrs, resume_step)
@@ -148,6 +158,11 @@ class MetricsWriter:
             fh.create_dataset(name, data=array)
 
         self._commit(write)
+
+    def set_attrs(self, attrs: dict) -> None:
+        with h5py.File(self.path, "a") as fh:
+            for key, value in attrs.items():
+                fh.attrs[key] = value
 
     def close(self) -> None:
         self.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -12,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from . import __version__, algorithms, checkpoint, compress, problems
-from .config import Config
+from . import __version__, algorithms, checkpoint, compress, devices, problems
+from .config import Config, replace
 from .errors import AgreedError, CdmpiError
-from .metrics import MetricsWriter
+from .metrics import EVAL_COLUMNS, MetricsWriter
+from .problems.classifier import EVAL_SHARE, TRAIN_SHARE
 from .server import ServerRuntime
 from .worker import WorkerRuntime
 
@@ -31,6 +33,9 @@ class Session:
     workers: list[WorkerRuntime]  # the workers that live in this process
     server: ServerRuntime | None  # on the server's process only
     description: str
+    device: torch.device  # where this process's frames live (its workers', or the server's)
+    steps_per_epoch: int = 0  # 0: no epochs, no lr schedule, no test-set evaluation
+    share_layout: str = "gradient"  # see problems.Built
     start_step: int = 0  # > 0 after a resume
     checkpoint_root: Path | None = None  # None: no checkpoints
     stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM; agreed on at check steps
@@ -47,12 +52,12 @@ class Session:
         return algorithm.up_nbytes, algorithm.down_nbytes
 
     def frame_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers for the coming step."""
+        """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers on this process's frame device."""
         up_nbytes, down_nbytes = self.frame_nbytes()
         if up_nbytes not in self._up:
-            self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8)
+            self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8, device=self.device)
         if down_nbytes not in self._down:
-            self._down[down_nbytes] = torch.zeros(down_nbytes, dtype=torch.uint8)
+            self._down[down_nbytes] = torch.zeros(down_nbytes, dtype=torch.uint8, device=self.device)
         return self._up[up_nbytes], self._down[down_nbytes]
 
 
@@ -61,24 +66,40 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     torch.set_num_threads(cfg.run.threads)
     n = transport.n_workers
     dtype = DTYPES[cfg.run.dtype]
-    built = problems.build(cfg, n, transport.worker_indices, dtype)
+    worker_device = devices.resolve(cfg.comm.worker_device, transport.local_rank)
+    server_device = devices.resolve(cfg.comm.server_device, transport.local_rank)
+    frame_device = worker_device if transport.worker_indices else server_device
+    if "cuda" in (worker_device.type, server_device.type):
+        devices.use_deterministic_kernels(cfg.run.deterministic)
+    transport.configure(cfg.comm.cuda_aware, frame_device)
+    built = problems.build(cfg, n, transport.worker_indices, dtype, worker_device)
+    if cfg.run.epochs:
+        if not built.steps_per_epoch:
+            raise CdmpiError(f"run.epochs needs a problem with epochs (classifier); {cfg.problem.name!r} has none")
+        cfg = replace(cfg, "run", steps=cfg.run.epochs * built.steps_per_epoch)
     make = compress.make
     compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
     up = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
     down = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
     algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
-    workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i), built.x0,
-                             batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i, worker_device), built.x0,
+                             batch_size=cfg.data.batch_size, seed=cfg.run.seed, device=worker_device)
                for i in transport.worker_indices]
-    server = ServerRuntime(algorithm.server(setting), n, None) if transport.is_server else None
+    server = None
+    if transport.is_server:
+        server = ServerRuntime(algorithm.server(setting, server_device), n, None,
+                               share_layout=built.share_layout, steps_per_epoch=built.steps_per_epoch,
+                               device=server_device)
     attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
              "compressor": compressor, "n_workers": n, "dim": built.d,
              "world_size": transport.world_size, "backend": transport.name,
              "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
              "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
-             "down_frame_nbytes": down.frame_nbytes}
-    session = Session(cfg, transport, built.d, workers, server, built.description, attrs=attrs)
+             "down_frame_nbytes": down.frame_nbytes, "steps": cfg.run.steps,
+             "steps_per_epoch": built.steps_per_epoch}
+    session = Session(cfg, transport, built.d, workers, server, built.description, frame_device,
+                      built.steps_per_epoch, built.share_layout, attrs=attrs)
     if out is not None:
         open_metrics(session, out, overwrite=overwrite)
     return session
@@ -88,8 +109,9 @@ def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,
                  resume_step: int | None = None) -> None:
     """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued."""
     if session.server is not None:
+        groups = {"eval": EVAL_COLUMNS} if session.steps_per_epoch else {}
         session.server.writer = MetricsWriter(out, session.attrs, flush_every=session.cfg.run.flush_every,
-                                              overwrite=overwrite, resume_step=resume_step)
+                                              overwrite=overwrite, resume_step=resume_step, groups=groups)
 
 
 NON_FINITE = -2  # in place of a checksum: this worker's x holds inf or nan
@@ -157,6 +179,27 @@ def check_finite(session: Session, t: int) -> None:
                              f"{session.transport.rank}); the last checkpoint holds the last good state")
 
 
+def lr_at(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """optim.lr times lr_gamma for every milestone epoch already completed."""
+    passed = sum(step >= m * steps_per_epoch for m in cfg.optim.lr_milestones)
+    return cfg.optim.lr * cfg.optim.lr_gamma ** passed
+
+
+def is_eval_step(step: int, session: Session) -> bool:
+    """Test-set evaluation: at the start, after every epoch, and after the last step."""
+    spe = session.steps_per_epoch
+    return bool(spe) and (step % spe == 0 or step == session.cfg.run.steps)
+
+
+def record_paths(session: Session) -> None:
+    """Collective: every rank's device and frame path, kept in the metrics file's attributes."""
+    paths = session.transport.allgather(f"{session.device} {session.transport.path}")
+    server = session.server
+    if server is not None and server.writer is not None:
+        server.writer.set_attrs({"comm_paths": json.dumps(paths),
+                                 "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths)))})
+
+
 def is_log_step(step: int, cfg: Config) -> bool:
     return step % cfg.run.log_every == 0 or step == cfg.run.steps
 
@@ -170,6 +213,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=session.start_step, unit="step", dynamic_ncols=True, leave=True)
+    record_paths(session)
     hooks = FaultHooks()
     every, check_every, root = cfg.checkpoint.every, cfg.checkpoint.check_every, session.checkpoint_root
     try:
@@ -184,15 +228,17 @@ def run(session: Session, progress: bool = False) -> dict | None:
                 if stop:
                     session.stopped_at = t
                     return server.last_row if server is not None else None
-            log = is_log_step(t, cfg)
-            shares = [w.compute(log) for w in session.workers]  # gradient at x_t
+            evaluate = is_eval_step(t, session)
+            log = is_log_step(t, cfg) or evaluate
+            shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
             check_finite(session, t)
             if log:
-                rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, session.d + 1,
+                width = session.d + 1 if session.share_layout == "gradient" else TRAIN_SHARE + EVAL_SHARE * evaluate
+                rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, width,
                                                                                              dtype=torch.float64))
                 if server is not None:
                     check_finite_shares(session, t, rows)
-                    row = server.record(t, rows)
+                    row = server.record(t, rows, evaluate)
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",
                                         refresh=False)
@@ -205,8 +251,9 @@ def run(session: Session, progress: bool = False) -> dict | None:
             if server is not None:
                 server.aggregate(frames, down)
             transport.broadcast(down)
+            lr = lr_at(t, cfg, session.steps_per_epoch)
             for worker in session.workers:
-                worker.update(down, cfg.optim.lr)
+                worker.update(down, lr)
             if bar is not None:
                 bar.update(1)
         if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:

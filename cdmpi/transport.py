@@ -15,10 +15,16 @@ in this process (``worker_indices``) and whether it runs the server, and moves t
 ``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
 on rank 0 and worker i on rank i + 1, with Gather and Bcast on preallocated buffers. This is the only
 module that imports mpi4py, and only when an MPITransport is made.
+
+Frames may live on a GPU. ``configure(cuda_aware, device)`` picks the path of this rank's frames:
+"direct" hands the frame's own memory to MPI (host memory, or device memory when the MPI library is
+CUDA-aware), "staged" copies frames through host buffers (pinned when CUDA is there). Metric rows are
+always small host tensors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -40,10 +46,18 @@ class LocalTransport:
     world_size = 1
     is_server = True
     mpi_library = "none (in-process)"
+    local_rank = 0
+    path = "in-process"
 
     def __init__(self, n_workers: int):
         self.n_workers = n_workers
         self.worker_indices = list(range(n_workers))
+
+    def configure(self, cuda_aware: str, device) -> str:
+        return self.path
+
+    def allgather(self, obj) -> list:
+        return [obj]
 
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor:
         return up
@@ -86,9 +100,53 @@ class MPITransport:
         self.n_workers = self.world_size - 1
         self.is_server = self.rank == 0
         self.worker_indices = [] if self.is_server else [self.rank - 1]
-        self.mpi_library = MPI.Get_library_version().strip().splitlines()[0].strip()
+        # Open MPI pads the version string with NULs, which HDF5 string attributes refuse.
+        self.mpi_library = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)  # the ranks sharing this node's memory
+        self.local_rank = node.Get_rank()
+        node.Free()
+        self.path = "direct"
+        self.device = torch.device("cpu")
         self._recv: dict[tuple, torch.Tensor] = {}
         self._check_table = torch.zeros(self.world_size, 2, dtype=torch.int64)
+        self._host: dict[tuple, torch.Tensor] = {}
+
+    def cuda_support(self) -> bool:
+        """The MPI library's own answer (MPIX_Query_cuda_support, in Open MPI and MPICH); False if absent."""
+        try:
+            query = ctypes.CDLL(self._mpi.__file__).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            return False
+        query.restype = ctypes.c_int
+        return bool(query())
+
+    def configure(self, cuda_aware: str, device) -> str:
+        """Choose this rank's frame path: true -> direct, false -> staged (also for host frames, which is
+        how the CPU-only tests run the staging code), auto -> direct for host frames or a CUDA-aware MPI."""
+        self.device = torch.device(device)
+        if cuda_aware == "auto":
+            direct = self.device.type == "cpu" or self.cuda_support()
+        else:
+            direct = cuda_aware == "true"
+        self.path = "direct" if direct else "staged"
+        return self.path
+
+    def allgather(self, obj) -> list:
+        return self.comm.allgather(obj)
+
+    def _staging(self, shape, dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        buf = self._host.get(key)
+        if buf is None:
+            buf = torch.zeros(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+            self._host[key] = buf
+        return buf
+
+    def _mpi_buffer(self, t: torch.Tensor):
+        if t.device.type == "cpu":
+            return t.numpy()
+        torch.cuda.current_stream(t.device).synchronize()  # kernels that wrote t must finish before MPI reads
+        return t  # __cuda_array_interface__; needs a CUDA-aware MPI
 
     @classmethod
     def from_world(cls) -> "MPITransport":
@@ -96,30 +154,48 @@ class MPITransport:
 
         return cls(MPI.COMM_WORLD)
 
-    def _root_buffer(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+    def _root_buffer(self, width: int, dtype: torch.dtype, device) -> torch.Tensor:
         """(world_size, width) receive buffer, made once per frame size; row 0 is the server's slot."""
-        key = (width, dtype)
+        key = (width, dtype, str(device))
         buf = self._recv.get(key)
         if buf is None:
-            buf = self._recv[key] = torch.zeros(self.world_size, width, dtype=dtype)
+            buf = self._recv[key] = torch.zeros(self.world_size, width, dtype=dtype, device=device)
         return buf
 
-    def _gather(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def _gather(self, rows: torch.Tensor, staged: bool) -> torch.Tensor | None:
+        width = rows.shape[1]
         if self.is_server:
-            recv = self._root_buffer(rows.shape[1], rows.dtype)
-            self.comm.Gather(self._mpi.IN_PLACE, recv.numpy(), root=0)
+            recv = self._root_buffer(width, rows.dtype, "cpu" if staged else rows.device)
+            self.comm.Gather(self._mpi.IN_PLACE, self._mpi_buffer(recv), root=0)
+            if staged and rows.device.type != "cpu":
+                out = self._root_buffer(width, rows.dtype, rows.device)
+                out.copy_(recv)  # blocking: recv is reused by the next MPI call
+                return out[1:]
             return recv[1:]
-        self.comm.Gather(rows[0].numpy(), None, root=0)
+        send = rows[0]
+        if staged:
+            send = self._staging((width,), rows.dtype)
+            send.copy_(rows[0])
+        self.comm.Gather(self._mpi_buffer(send), None, root=0)
         return None
 
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None:
-        return self._gather(up)
+        """up: (n_local, nbytes) on this rank's frame device; the server passes a (0, nbytes) tensor."""
+        return self._gather(up, self.path == "staged")
 
     def broadcast(self, down: torch.Tensor) -> None:
-        self.comm.Bcast(down.numpy(), root=0)
+        if self.path == "direct":
+            self.comm.Bcast(self._mpi_buffer(down), root=0)
+            return
+        host = self._staging(down.shape, down.dtype)
+        if self.is_server:
+            host.copy_(down)
+        self.comm.Bcast(host.numpy(), root=0)
+        if not self.is_server:
+            down.copy_(host)  # blocking: host is reused by the next MPI call
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
-        return self._gather(rows)
+        return self._gather(rows.cpu(), False)
 
     def check(self, stop: bool, hashes: list[int]) -> tuple[bool, list[int]]:
         """Allgather of (stop flag, checksum of x) per rank: 16 bytes each. The server sends hash -1."""

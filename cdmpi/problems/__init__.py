@@ -9,6 +9,7 @@ import torch
 from .. import data
 from ..config import Config
 from ..errors import CdmpiError
+from .classifier import ImageShard
 from .logreg import LogRegShard
 
 
@@ -18,6 +19,8 @@ class Built:
     x0: torch.Tensor
     shards: dict  # worker index -> shard, for the workers that live in this process
     description: str
+    share_layout: str = "gradient"  # gradient: shares are [f, grad f]; norms: [loss, ||g||^2] (+ test set)
+    steps_per_epoch: int = 0  # 0: the problem has no epochs
 
 
 def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
@@ -38,7 +41,41 @@ def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built
                  f"logreg on {ds.name}: {ds.n_samples} samples, {ds.n_features} features")
 
 
-PROBLEMS = {"logreg": _logreg}
+def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
+    from .. import images, nets
+
+    if cfg.problem.model not in nets.NETWORKS:
+        raise CdmpiError(f"unknown model {cfg.problem.model!r}; choose one of {', '.join(nets.NETWORKS)}")
+    if cfg.data.batch_size < 1:
+        raise CdmpiError("the classifier problem needs data.batch_size >= 1 (the paper uses 128 per worker)")
+    ds = images.load(cfg.data.dataset, seed=cfg.run.seed, samples=cfg.data.samples,
+                     test_samples=cfg.data.test_samples, image_size=cfg.data.image_size)
+    bounds = data.shard_bounds(len(ds.train_labels), n_workers)
+    smallest = min(hi - lo for lo, hi in bounds)
+    if cfg.data.batch_size > smallest:
+        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard ({smallest} images)")
+
+    def network():
+        torch.manual_seed(cfg.run.seed)  # every worker builds the same initial x
+        return nets.NETWORKS[cfg.problem.model](num_classes=ds.classes, in_channels=ds.train_images.shape[1])
+
+    x0 = torch.nn.utils.parameters_to_vector(network().parameters()).detach().to(dtype=dtype, device=device)
+    shards = {}
+    for i in worker_indices:
+        lo, hi = bounds[i]
+        # clone: a view would keep the whole training set alive in every worker process
+        shards[i] = ImageShard(network(), ds.train_images[lo:hi].clone(), ds.train_labels[lo:hi].clone(), mean=ds.mean,
+                               std=ds.std, augment=cfg.data.augment, n_workers=n_workers,
+                               weight_decay=cfg.optim.weight_decay, seed=cfg.run.seed, index=i,
+                               test=(ds.test_images, ds.test_labels) if i == 0 else None, dtype=dtype,
+                               device=device)
+    return Built(x0.numel(), x0, shards,
+                 f"{cfg.problem.model} on {ds.name}: {len(ds.train_labels)} training and "
+                 f"{len(ds.test_labels)} test images, {x0.numel()} parameters",
+                 share_layout="norms", steps_per_epoch=smallest // cfg.data.batch_size)
+
+
+PROBLEMS = {"logreg": _logreg, "classifier": _classifier}
 
 
 def build(cfg: Config, n_workers: int, worker_indices, dtype, device="cpu") -> Built:
