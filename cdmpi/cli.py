@@ -7,11 +7,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__, analysis, config, log
+from . import __version__, algorithms, analysis, config, log
 from .errors import CdmpiError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog's lines kept as written."""
 
 
 def _train_parser(sub) -> None:
@@ -19,7 +23,11 @@ def _train_parser(sub) -> None:
         "train", help="run one training job (under mpiexec for the MPI backend)",
         description="Train with the configured algorithm. Under `mpiexec -n N+1`, rank 0 is the server "
                     "and ranks 1..N are workers; without an MPI launcher, N workers run in this process.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="algorithms (optim.algorithm; compressors it takes, the first is its default for "
+               "compress.name = \"auto\"):\n" + "\n".join(
+                   f"  {a.name:<14} [{', '.join(a.compressors)}] {a.description}"
+                   for a in algorithms.ALGORITHMS.values()),
+        formatter_class=_Formatter)
     p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",
                    help="mpi: one process per rank; local: all workers in this process; "
@@ -152,7 +160,8 @@ def cmd_train(args) -> int:
         return EXIT_BAD_INPUT
 
     logger.info("%s; %s with %s, %d workers, d = %d, %s backend", session.description,
-                cfg.optim.algorithm, cfg.compress.name, transport.n_workers, session.d, transport.name)
+                cfg.optim.algorithm, algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name),
+                transport.n_workers, session.d, transport.name)
     try:
         row = train.run(session, progress=not args.quiet)
     except Exception as err:

@@ -9,7 +9,12 @@ import pytest
 from cdmpi import sweep
 from cdmpi.errors import CdmpiError
 
-from conftest import run_cdmpi
+from conftest import run_cdmpi as _run_cdmpi
+
+
+def run_cdmpi(args, **kw):
+    kw.setdefault("timeout", 300)  # a sweep runs several jobs; the timeout only catches hangs
+    return _run_cdmpi(args, **kw)
 
 SWEEP = ["--grid", "optim.lr=0.004:0.013:0.008", "--algorithms", "cdadam,amsgrad:identity",
          "--set", "run.steps=15", "--workers", 2]
