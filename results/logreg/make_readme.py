@@ -79,10 +79,8 @@ def main(runs_dir: str, out: str) -> None:
         "Bits are counted from the frames handed to the transport (up + down, all 20 workers; "
         "the 32-bit scale and the sign bytes' padding included).",
         "",
-        f"The {len(rows)} runs took {wall / 60:.1f} minutes of run time in total (the sum of each run's "
-        "wall_time; with two runs at a time the sweep takes about half that). The machine's 2 cores were "
-        "shared with four other sessions' builds and tests while this ran, so the wall-clock times are noisy "
-        "and larger than on an idle machine.",
+        f"The {len(rows)} runs' own wall_time adds up to {wall / 60:.1f} minutes (one process each; "
+        "`--jobs 2` runs two at a time). See 'Run time' below for what that means on this machine.",
         "",
         "For each dataset and method: the step size with the lowest final grad_norm_sq (`cdmpi report "
         f"--best`), and the steps and bits needed to first reach the target, which is the grad_norm_sq that "
