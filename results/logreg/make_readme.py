@@ -72,8 +72,8 @@ def main(runs_dir: str, out: str) -> None:
         "",
         "    make reproduce-logreg          # LOGREG_JOBS=2 runs two sweep runs at a time",
         "",
-        f"Setup: LIBSVM {', '.join(DATASETS)}; n = 20 workers, each with an equal contiguous part and full "
-        f"local gradients; lambda = 0.1; x_1 = 0; beta = (0.9, 0.99), nu = 1e-8; float64 compute, fp32 "
+        f"Setup: LIBSVM {', '.join(DATASETS)}; n = 20 workers on contiguous parts whose sizes differ by at "
+        f"most one row; full local gradients; lambda = 0.1; x_1 = 0; beta = (0.9, 0.99), nu = 1e-8; float64 compute, fp32 "
         f"on the wire; T = {T} iterations for every method; step sizes {', '.join(f'{x:g}' for x in lrs)} "
         "(the paper's grid); scaled sign C(x) = ||x||_1 sign(x)/d for every compressed method, both ways. "
         "Bits are counted from the frames handed to the transport (up + down, all 20 workers; "
