@@ -8,12 +8,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__, analysis, config, log
+from . import __version__, algorithms, analysis, config, log
 from .errors import AgreedError, CdmpiError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
 EXIT_STOPPED = 75  # stopped by SIGTERM after writing a checkpoint; resume with --resume auto (EX_TEMPFAIL)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog's lines kept as written."""
 
 
 def _train_parser(sub) -> None:
@@ -28,7 +32,11 @@ def _train_parser(sub) -> None:
                     "Devices: comm.worker_device, comm.server_device, comm.cuda_aware = auto | true | false. "
                     f"Exit codes: 0 done; {EXIT_FAILURE} failed during training (every rank ends); "
                     f"{EXIT_BAD_INPUT} bad input; {EXIT_STOPPED} stopped by SIGTERM after a checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="algorithms (optim.algorithm; compressors it takes, the first is its default for "
+               "compress.name = \"auto\"):\n" + "\n".join(
+                   f"  {a.name:<14} [{', '.join(a.compressors)}] {a.description}"
+                   for a in algorithms.ALGORITHMS.values()),
+        formatter_class=_Formatter)
     p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",
                    help="mpi: one process per rank; local: all workers in this process; "
@@ -217,7 +225,8 @@ def _train(args, stop: "_StopOnSigterm") -> int:
     session.stop_requested = stop.requested
 
     logger.info("%s; %s with %s, %d workers, d = %d, %s backend", session.description,
-                cfg.optim.algorithm, cfg.compress.name, transport.n_workers, session.d, transport.name)
+                cfg.optim.algorithm, algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name),
+                transport.n_workers, session.d, transport.name)
     try:
         row = train.run(session, progress=not args.quiet)
     except AgreedError as err:  # every rank raised it at the same step: no abort needed

@@ -58,7 +58,8 @@ class MarkovMean:
         """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
         self._sum.zero_()
         for i in range(self.n_workers):
-            self.compressor.decode_add_(frames[i], self._sum, frame_key(self.compressor, self.seed, i + 1, self.count))
+            key = frame_key(self.compressor, self.seed, i + 1, self.count)
+            self.compressor.decode_add_(frames[i], self._sum, key)
         self.value.add_(self._sum, alpha=1.0 / self.n_workers)
         self.count += 1
 
@@ -116,7 +117,8 @@ class FrameReader:
         self.count = 0
 
     def read(self, frame: torch.Tensor) -> torch.Tensor:
-        value = self.compressor.decode(frame, self.dtype, frame_key(self.compressor, self.seed, self.stream, self.count))
+        key = frame_key(self.compressor, self.seed, self.stream, self.count)
+        value = self.compressor.decode(frame, self.dtype, key)
         self.count += 1
         return value
 

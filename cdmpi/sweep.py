@@ -112,6 +112,8 @@ def run_local(run: Run, workers: int) -> str:
     from . import train
     from .transport import LocalTransport
 
+    if run.out.exists():  # finished meanwhile by another sweep over the same folder
+        return f"{run.out.name}: already finished"
     cfg = config.replace(run.cfg, "run", workers=workers)
     session = train.setup(cfg, LocalTransport(workers), out=run.partial, overwrite=True)
     row = train.run(session)

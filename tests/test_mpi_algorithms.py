@@ -8,13 +8,14 @@ from cdmpi import algorithms, metrics
 
 from conftest import run_cdmpi
 
-OTHERS = [name for name in algorithms.ALGORITHMS if name != "cdadam"]  # cdadam: test_smoke_mpi.py / test_mpi_vs_local.py
+OTHERS = [name for name in algorithms.ALGORITHMS if name != "cdadam"]  # cdadam: test_mpi_vs_local.py
+CASES = [(name, "auto") for name in OTHERS] + [("onebit-adam", "randk")]  # randk: keys shared across ranks
 
 
-@pytest.mark.parametrize("name", OTHERS)
-def test_mpi_matches_local_for_every_algorithm(tmp_path, small_config, name):
+@pytest.mark.parametrize("name,compressor", CASES)
+def test_mpi_matches_local_for_every_algorithm(tmp_path, small_config, name, compressor):
     sets = ["--set", f'optim.algorithm="{name}"', "--set", "run.steps=12", "--set", "optim.warmup_steps=5",
-            "--set", 'compress.name="auto"']
+            "--set", f'compress.name="{compressor}"']
     local, mpi = tmp_path / "local.h5", tmp_path / "mpi.h5"
     r1 = run_cdmpi(["train", small_config, *sets, "--backend", "local", "--workers", 2, "--out", local,
                     "--quiet"])
@@ -27,6 +28,6 @@ def test_mpi_matches_local_for_every_algorithm(tmp_path, small_config, name):
     for column in ("step", "loss", "grad_norm_sq", "bits_up", "bits_down"):
         np.testing.assert_array_equal(a["train"][column], b["train"][column])
     assert a["train"]["loss"][-1] != a["train"]["loss"][0]  # it trained
-    if name == "onebit-adam":  # 5 fp32 steps, then 7 compressed ones: 2 workers * (5 * 4d + 7 * (4 + 3)) bytes
-        d = 20
+    if (name, compressor) == ("onebit-adam", "auto"):
+        d = 20  # 2 workers x (5 fp32 frames of 4d bytes + 7 scaled-sign frames of 4 + ceil(d/8) bytes)
         assert a["train"]["bits_up"][-1] == 8 * 2 * (5 * 4 * d + 7 * (4 + (d + 7) // 8))

@@ -9,7 +9,12 @@ import pytest
 from cdmpi import sweep
 from cdmpi.errors import CdmpiError
 
-from conftest import run_cdmpi
+from conftest import run_cdmpi as _run_cdmpi
+
+
+def run_cdmpi(args, **kw):
+    kw.setdefault("timeout", 300)  # a sweep runs several jobs; the timeout only catches hangs
+    return _run_cdmpi(args, **kw)
 
 SWEEP = ["--grid", "optim.lr=0.004:0.013:0.008", "--algorithms", "cdadam,amsgrad:identity",
          "--set", "run.steps=15", "--workers", 2]
@@ -56,10 +61,21 @@ def _final(path):
         return fh["train"]["grad_norm_sq"][-1], json.loads(fh.attrs["config"])["optim"]["lr"]
 
 
-def test_report_best_and_target_match_the_files(tmp_path, small_config):
-    out = tmp_path / "sweep"
-    assert run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out]).returncode == 0
-    target = 0.05
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """One small sweep that the report and plot tests only read."""
+    from conftest import SMALL_CONFIG, write_config
+
+    root = tmp_path_factory.mktemp("finished")
+    config = write_config(root / "small.toml", SMALL_CONFIG)
+    r = run_cdmpi(["sweep", config, *SWEEP, "--out-dir", root / "sweep"])
+    assert r.returncode == 0, r.stderr
+    return root / "sweep"
+
+
+def test_report_best_and_target_match_the_files(finished_sweep):
+    out = finished_sweep
+    target = 0.15
     r = run_cdmpi(["report", out, "--best", "--target", f"grad_norm_sq={target}", "--json"])
     assert r.returncode == 0, r.stderr
     rows = {row["algorithm"]: row for row in json.loads(r.stdout)}
@@ -77,9 +93,8 @@ def test_report_best_and_target_match_the_files(tmp_path, small_config):
     assert r.returncode == 2 and "no column 'accuracy'" in r.stderr
 
 
-def test_plot_writes_a_png(tmp_path, small_config):
-    out = tmp_path / "sweep"
-    assert run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out]).returncode == 0
+def test_plot_writes_a_png(tmp_path, finished_sweep):
+    out = finished_sweep
     png = tmp_path / "fig.png"
     r = run_cdmpi(["plot", out, "--x", "bits", "step", "--y", "loss", "--best", "--out", png])
     assert r.returncode == 0, r.stderr
