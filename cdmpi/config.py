@@ -57,12 +57,21 @@ class CompressConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM)
+    dir: str = ""  # "": next to the metrics file (RUN.h5 -> RUN.ckpt/)
+    keep: int = 2  # newest checkpoints kept (0: all)
+    check_every: int = 10  # steps between the x-checksum comparison and the SIGTERM agreement
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +87,7 @@ def _check_choices(cfg: Config) -> None:
     positive = {
         "run.steps": cfg.run.steps, "run.workers": cfg.run.workers, "run.log_every": cfg.run.log_every,
         "run.flush_every": cfg.run.flush_every, "run.threads": cfg.run.threads, "optim.lr": cfg.optim.lr,
+        "checkpoint.check_every": cfg.checkpoint.check_every,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -91,6 +101,9 @@ def _check_choices(cfg: Config) -> None:
         raise CdmpiError(f"config: optim.nu must be > 0, got {cfg.optim.nu!r}")
     if cfg.data.batch_size < 0 or cfg.data.n_features < 0 or cfg.compress.k < 0:
         raise CdmpiError("config: data.batch_size, data.n_features and compress.k must be >= 0")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+        raise CdmpiError(f"config: checkpoint.every and checkpoint.keep must be >= 0, got "
+                         f"{cfg.checkpoint.every!r} and {cfg.checkpoint.keep!r}")
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
 

@@ -6,14 +6,18 @@ Layout (see the README for the public description):
                       backend, mpi_library, cdmpi_version, created, format_version
     /train/<column>   1-D datasets of equal length, one row per logged step
 
-Rows are buffered in memory and appended every ``flush_every`` rows and at close. The file is opened
-only while a flush runs, so a crash between flushes leaves a closed, readable file.
+Rows are buffered in memory and appended every ``flush_every`` rows and at close. A flush appends to a
+copy of the file and renames it over the original, so a crash at any moment, even inside a flush, leaves
+a closed, readable file holding every row of the last completed flush. A resumed run opens the existing
+file and drops the rows at and after the checkpoint's step (they are recomputed), so steps stay unique
+and increasing.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -37,12 +41,15 @@ UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_tim
 
 class MetricsWriter:
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 columns: dict | None = None):
+                 columns: dict | None = None, resume_step: int | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
         self.columns = {"train": dict(columns or TRAIN_COLUMNS)}
         self._rows: dict[str, list[dict]] = {"train": []}
         self._last_step: dict[str, int] = {}
+        if resume_step is not None:
+            self._resume(attrs, resume_step)
+            return
         if self.path.exists() and not overwrite:
             raise CdmpiError(f"metrics file {self.path} exists; pass --overwrite or choose another --out")
         if self.path.parent and not self.path.parent.exists():
@@ -74,10 +81,49 @@ class MetricsWriter:
         if len(self._rows[group]) >= self.flush_every:
             self.flush()
 
+    def _commit(self, change) -> None:
+        """Apply change(h5py.File) to a copy of the file, then rename the copy over it (crash-safe)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            shutil.copyfile(self.path, tmp)
+            with h5py.File(tmp, "a") as fh:
+                change(fh)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
+
+    def _resume(self, attrs: dict, step: int) -> None:
+        """Continue an existing file from a checkpoint at `step`: rows with step >= `step` are dropped."""
+        if not self.path.is_file():
+            raise CdmpiError(f"cannot resume: metrics file {self.path} not found (the checkpoint's rows "
+                             f"continue it); pass the --out of the interrupted run")
+
+        def truncate(fh):
+            for key, value in attrs.items():
+                fh.attrs[key] = value
+            fh.attrs["resumed_at_steps"] = np.append(fh.attrs.get("resumed_at_steps", np.zeros(0, np.int64)),
+                                                     np.int64(step))
+            for group in fh.keys():
+                if "step" not in fh[group]:
+                    continue
+                kept = int(np.searchsorted(fh[group]["step"][()], step, side="left"))
+                for ds in fh[group].values():
+                    ds.resize((kept,))
+                if kept:
+                    self._last_step[group] = int(fh[group]["step"][kept - 1])
+
+        try:
+            self._commit(truncate)
+        except OSError as err:
+            raise CdmpiError(f"cannot resume metrics file {self.path}: {err}") from None
+
     def flush(self) -> None:
         if not any(self._rows.values()):
             return
-        with h5py.File(self.path, "a") as fh:
+
+        def append(fh):
             for group, rows in self._rows.items():
                 if not rows:
                     continue
@@ -86,7 +132,10 @@ class MetricsWriter:
                     start = ds.shape[0]
                     ds.resize((start + len(rows),))
                     ds[start:] = np.asarray([r[name] for r in rows], dtype=dtype)
-                rows.clear()
+
+        self._commit(append)
+        for rows in self._rows.values():
+            rows.clear()
 
     def close(self) -> None:
         self.flush()

@@ -36,3 +36,13 @@ class ServerRuntime:
             self.writer.append("train", row)
         self.last_row = row
         return row
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm.state_dict(), "bits_up": self.bits_up, "bits_down": self.bits_down,
+                "wall_time": time.perf_counter() - self.start_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.bits_up = int(state["bits_up"])
+        self.bits_down = int(state["bits_down"])
+        self.start_time = time.perf_counter() - float(state["wall_time"])  # wall_time continues

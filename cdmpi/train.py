@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from . import __version__, algorithms, compress, problems
+from . import __version__, algorithms, checkpoint, compress, problems
 from .config import Config
-from .errors import CdmpiError
+from .errors import AgreedError, CdmpiError
 from .metrics import MetricsWriter
 from .server import ServerRuntime
 from .worker import WorkerRuntime
@@ -28,6 +32,12 @@ class Session:
     up: torch.Tensor  # (len(workers), up_nbytes)
     down: torch.Tensor  # (down_nbytes,)
     description: str
+    start_step: int = 0  # > 0 after a resume
+    checkpoint_root: Path | None = None  # None: no checkpoints
+    stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM; agreed on at check steps
+    stopped_at: int | None = None  # the step a requested stop happened at
+    last_checkpoint: Path | None = None  # on the server
+    attrs: dict = field(default_factory=dict)  # the metrics file's attributes
 
 
 def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = False) -> Session:
@@ -44,21 +54,83 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i), built.x0,
                              batch_size=cfg.data.batch_size, seed=cfg.run.seed)
                for i in transport.worker_indices]
-    server = None
-    if transport.is_server:
-        writer = None
-        if out is not None:
-            attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
-                     "compressor": cfg.compress.name, "n_workers": n, "dim": built.d,
-                     "world_size": transport.world_size, "backend": transport.name,
-                     "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
-                     "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
-                     "down_frame_nbytes": down.frame_nbytes}
-            writer = MetricsWriter(out, attrs, flush_every=cfg.run.flush_every, overwrite=overwrite)
-        server = ServerRuntime(algorithm.server(setting), n, writer)
-    return Session(cfg, transport, built.d, workers, server,
-                   torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8),
-                   torch.zeros(down.frame_nbytes, dtype=torch.uint8), built.description)
+    server = ServerRuntime(algorithm.server(setting), n, None) if transport.is_server else None
+    attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
+             "compressor": cfg.compress.name, "n_workers": n, "dim": built.d,
+             "world_size": transport.world_size, "backend": transport.name,
+             "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
+             "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
+             "down_frame_nbytes": down.frame_nbytes}
+    session = Session(cfg, transport, built.d, workers, server,
+                      torch.zeros(len(workers), up.frame_nbytes, dtype=torch.uint8),
+                      torch.zeros(down.frame_nbytes, dtype=torch.uint8), built.description, attrs=attrs)
+    if out is not None:
+        open_metrics(session, out, overwrite=overwrite)
+    return session
+
+
+def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,
+                 resume_step: int | None = None) -> None:
+    """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued."""
+    if session.server is not None:
+        session.server.writer = MetricsWriter(out, session.attrs, flush_every=session.cfg.run.flush_every,
+                                              overwrite=overwrite, resume_step=resume_step)
+
+
+def x_checksum(x: torch.Tensor) -> int:
+    """A 62-bit digest of x's bytes; copies of x on different workers must agree bit for bit."""
+    digest = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class TestHooks:
+    """Fault injection for the reliability tests, from environment variables; inert when unset.
+    CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W before step T.
+    CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last)."""
+
+    def __init__(self, environ=os.environ):
+        perturb = environ.get("CDMPI_TEST_PERTURB_X", "")
+        self.perturb = tuple(int(v) for v in perturb.split(":")) if perturb else None
+        self.sleep = float(environ.get("CDMPI_TEST_STEP_SLEEP", "0") or 0)
+
+    def before_step(self, t: int, workers) -> None:
+        for w in workers:
+            if self.perturb == (w.index, t):
+                w.params[0] += 1e-9
+        if self.sleep and workers:
+            time.sleep(self.sleep)
+
+
+def check_copies(session: Session, t: int) -> bool:
+    """Collective: every worker's x checksum and every process's stop request. Returns whether to stop;
+    raises AgreedError on every process when the workers' copies of x differ."""
+    stop, hashes = session.transport.check(session.stop_requested(),
+                                           [x_checksum(w.params) for w in session.workers])
+    values = sorted(set(hashes), key=hashes.count, reverse=True)
+    if len(values) > 1:
+        odd = [i for i, h in enumerate(hashes) if h != values[0]]
+        where = ", ".join(f"worker {i}" + (f" (rank {i + 1})" if session.transport.name == "mpi" else "")
+                          for i in odd)
+        raise AgreedError(f"the workers' copies of x differ at step {t}: {where} disagree(s) with the other "
+                          f"{len(hashes) - len(odd)} worker(s) (checksum of x, compared every "
+                          f"{session.cfg.checkpoint.check_every} steps)")
+    return stop
+
+
+def check_finite_shares(session: Session, t: int, shares: torch.Tensor) -> None:
+    """On the server: the loss and gradient shares of every worker must be finite before they are logged."""
+    bad = [i for i in range(shares.shape[0]) if not bool(torch.isfinite(shares[i]).all())]
+    if bad:
+        rank = bad[0] + 1 if session.transport.name == "mpi" else 0
+        raise CdmpiError(f"non-finite loss or gradient at step {t} from worker {bad[0]} (rank {rank}); "
+                         f"the last checkpoint holds the last good state")
+
+
+def check_finite(session: Session, t: int) -> None:
+    for w in session.workers:
+        if not bool(torch.isfinite(w.grad).all()):
+            raise CdmpiError(f"non-finite gradient at step {t} on worker {w.index} (rank "
+                             f"{session.transport.rank}); the last checkpoint holds the last good state")
 
 
 def is_log_step(step: int, cfg: Config) -> bool:
@@ -73,15 +145,28 @@ def run(session: Session, progress: bool = False) -> dict | None:
     if progress and server is not None and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True)
+        bar = tqdm(total=steps, initial=session.start_step, unit="step", dynamic_ncols=True, leave=True)
+    hooks = TestHooks()
+    every, check_every, root = cfg.checkpoint.every, cfg.checkpoint.check_every, session.checkpoint_root
     try:
-        for t in range(steps + 1):
+        for t in range(session.start_step, steps + 1):
+            hooks.before_step(t, session.workers)
+            if t > session.start_step:  # checks and checkpoints see x_t before its gradient is computed
+                save = root is not None and (t == steps or (every > 0 and t % every == 0))
+                stop = check_copies(session, t) if save or t % check_every == 0 else False
+                if save or (stop and root is not None):
+                    session.last_checkpoint = checkpoint.save(session, t, root)
+                if stop:
+                    session.stopped_at = t
+                    return server.last_row if server is not None else None
             log = is_log_step(t, cfg)
             shares = [w.compute(log) for w in session.workers]  # gradient at x_t
+            check_finite(session, t)
             if log:
                 rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, session.d + 1,
                                                                                              dtype=torch.float64))
                 if server is not None:
+                    check_finite_shares(session, t, rows)
                     row = server.record(t, rows)
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",

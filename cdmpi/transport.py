@@ -7,6 +7,10 @@ in this process (``worker_indices``) and whether it runs the server, and moves t
   tensor; the server gets all n rows in worker order, other processes get None.
 - ``broadcast(down)``: the server's frame, filled in place on every worker.
 - ``gather_stats(rows)``: float64 metric rows, like gather_frames.
+- ``check(stop, hashes)``: every few steps, one tiny collective that tells every process whether any
+  process wants to stop (SIGTERM) and every worker's checksum of x, in worker order.
+- ``share(obj)`` / ``collect(obj)``: small Python objects from the server to all / from all to the server
+  (checkpoint bookkeeping; never tensors of size d).
 
 ``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
 on rank 0 and worker i on rank i + 1, with Gather and Bcast on preallocated buffers. This is the only
@@ -50,6 +54,15 @@ class LocalTransport:
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
 
+    def check(self, stop: bool, hashes: list[int]) -> tuple[bool, list[int]]:
+        return stop, list(hashes)
+
+    def share(self, obj):
+        return obj
+
+    def collect(self, obj) -> list:
+        return [obj]
+
     def agree(self, error: str | None) -> tuple[int, str] | None:
         return None if error is None else (0, error)
 
@@ -75,6 +88,7 @@ class MPITransport:
         self.worker_indices = [] if self.is_server else [self.rank - 1]
         self.mpi_library = MPI.Get_library_version().strip().splitlines()[0].strip()
         self._recv: dict[tuple, torch.Tensor] = {}
+        self._check_table = torch.zeros(self.world_size, 2, dtype=torch.int64)
 
     @classmethod
     def from_world(cls) -> "MPITransport":
@@ -106,6 +120,19 @@ class MPITransport:
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self._gather(rows)
+
+    def check(self, stop: bool, hashes: list[int]) -> tuple[bool, list[int]]:
+        """Allgather of (stop flag, checksum of x) per rank: 16 bytes each. The server sends hash -1."""
+        row = torch.tensor([int(stop), hashes[0] if hashes else -1], dtype=torch.int64)
+        table = self._check_table
+        self.comm.Allgather(row.numpy(), table.numpy())
+        return bool(table[:, 0].any()), table[1:, 1].tolist()
+
+    def share(self, obj):
+        return self.comm.bcast(obj, root=0)
+
+    def collect(self, obj) -> list | None:
+        return self.comm.gather(obj, root=0)
 
     def agree(self, error: str | None) -> tuple[int, str] | None:
         """Collective: the first (rank, error) any rank reported, on every rank."""

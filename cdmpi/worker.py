@@ -34,3 +34,8 @@ class WorkerRuntime:
     def state_dict(self) -> dict:
         return {"params": self.params.clone(), "algorithm": self.algorithm.state_dict(),
                 "sampler": self.sampler.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params.copy_(state["params"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.sampler.set_state(state["sampler"])

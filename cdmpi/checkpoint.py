@@ -1,0 +1,267 @@
+"""Checkpoints: every process's part of the run state at a step boundary, written atomically.
+
+One checkpoint is a directory ``step-<t>`` (t zero-padded to 9 digits) under the checkpoint root
+(``RUN.ckpt/`` next to ``RUN.h5`` unless ``checkpoint.dir`` says otherwise):
+
+    manifest.json    format_version, step, n_workers, world_size, backend, d, config, config_hash,
+                     files {name: {nbytes, sha256}}, cdmpi_version, created
+    server.pt        the server's state: its g_hat and g_tilde, the bit counters, the wall time
+    worker-0003.pt   worker 3's state: x, m, v, v_hat, its g_hat_i, its copy of g_tilde, its sampler
+
+The state is taken at the top of iteration t, before the gradient at x_t is computed, so a resumed run
+starts its loop at t and recomputes row t. Files hold dicts of tensors and numbers, written with
+torch.save and read with torch.load(weights_only=True): nothing is unpickled. The roles, not the ranks,
+name the files, so a checkpoint of an MPI run resumes in process and the other way round.
+
+Writing is collective: every process writes its files into ``step-<t>.tmp/`` and reports their sizes and
+sha256; the server writes the manifest and renames the directory. A directory named ``step-<t>`` is
+therefore complete, and a crash while writing leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Config
+from .errors import CdmpiError
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys a resumed run may change: they do not change the trajectory of x. run.workers is checked as the
+# world size, with its own message.
+MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers")
+MUTABLE_SECTIONS = ("checkpoint",)
+
+
+def root_for(cfg: Config, out: str | Path) -> Path:
+    """Where this run's checkpoints live: checkpoint.dir, or RUN.ckpt/ next to the metrics file RUN.h5."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(out).with_suffix(".ckpt")
+
+
+def fixed_config(cfg: Config | dict) -> dict:
+    """The flattened config keys a resume must not change."""
+    values = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    flat = {f"{section}.{key}": value for section, table in values.items() for key, value in table.items()}
+    return {k: v for k, v in flat.items()
+            if k not in MUTABLE_KEYS and k.split(".")[0] not in MUTABLE_SECTIONS}
+
+
+def config_hash(cfg: Config | dict) -> str:
+    return hashlib.sha256(json.dumps(fixed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:09d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories under root, newest step first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def _roles(session) -> dict[str, tuple[str, object]]:
+    """file name -> (role, runtime) for the workers and the server that live in this process."""
+    roles = {f"worker-{w.index:04d}.pt": ("worker", w) for w in session.workers}
+    if session.server is not None:
+        roles["server.pt"] = ("server", session.server)
+    return roles
+
+
+def _write_file(path: Path, obj: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def save(session, step: int, root: Path) -> Path | None:
+    """Collective: write this process's files, then (on the server) the manifest and the rename.
+    Returns the checkpoint directory on the server, None elsewhere."""
+    transport = session.transport
+    tmp_dir = root / f"step-{step:09d}.tmp"
+    report: dict = {}
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        for name, (role, runtime) in _roles(session).items():
+            report[name] = _write_file(tmp_dir / name, {"role": role, "step": step,
+                                                         "state": runtime.state_dict()})
+        if session.server is not None and session.server.writer is not None:
+            session.server.writer.flush()  # rows before `step` are on disk whenever the checkpoint is
+    except OSError as err:
+        report = {"error": f"rank {transport.rank}: {err}"}
+    reports = transport.collect(report)
+    if not transport.is_server:
+        return None
+    errors = [r["error"] for r in reports if "error" in r]
+    if errors:
+        raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
+    files = {name: info for r in reports for name, info in r.items()}
+    cfg = session.cfg
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "n_workers": transport.n_workers,
+                "world_size": transport.world_size, "backend": transport.name, "d": session.d,
+                "config": cfg.to_dict(), "config_hash": config_hash(cfg), "files": dict(sorted(files.items())),
+                "cdmpi_version": __version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    final = step_dir(root, step)
+    try:
+        _write_file_text(tmp_dir / "manifest.json", json.dumps(manifest, indent=1))
+        if final.exists():  # a checkpoint of the same step from an earlier attempt; this one replaces it
+            shutil.rmtree(final)
+        os.replace(tmp_dir, final)
+    except OSError as err:
+        raise CdmpiError(f"cannot write checkpoint {final}: {err}") from None
+    prune(root, session.cfg.checkpoint.keep)
+    return final
+
+
+def _write_file_text(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def prune(root: Path, keep: int) -> None:
+    if keep > 0:
+        for old in list_checkpoints(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_all(root: Path) -> None:
+    """A fresh run with --overwrite: the old run's checkpoints would otherwise be found by --resume auto."""
+    for old in list_checkpoints(root):
+        shutil.rmtree(old)
+    for stale in root.glob("step-*.tmp") if root.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+
+def validate(path: Path) -> dict:
+    """The manifest of a complete, undamaged checkpoint; CdmpiError naming the bad file otherwise."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except FileNotFoundError:
+        raise CdmpiError(f"checkpoint {path} is incomplete: {manifest_path} not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CdmpiError(f"checkpoint manifest {manifest_path} is corrupt: {err}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CdmpiError(f"checkpoint {manifest_path} has format_version {manifest.get('format_version')!r}; "
+                         f"this cdmpi reads {FORMAT_VERSION}")
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CdmpiError(f"checkpoint file {file} is missing")
+        data = file.read_bytes()
+        if len(data) != info["nbytes"]:
+            raise CdmpiError(f"checkpoint file {file} is truncated or corrupt: {len(data)} bytes, "
+                             f"the manifest says {info['nbytes']}")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CdmpiError(f"checkpoint file {file} is corrupt: its sha256 differs from the manifest's")
+    return manifest
+
+
+def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, world_size: int, d: int) -> None:
+    """CdmpiError naming what differs between the checkpoint's run and this one."""
+    if manifest["n_workers"] != n_workers:
+        raise CdmpiError(f"checkpoint {path} was written by a run with {manifest['n_workers']} workers "
+                         f"(world size {manifest['world_size']}, {manifest['backend']} backend); this run has "
+                         f"{n_workers} workers (world size {world_size}): launch with "
+                         f"mpiexec -n {manifest['n_workers'] + 1} or --backend local --workers "
+                         f"{manifest['n_workers']}")
+    if manifest["d"] != d:
+        raise CdmpiError(f"checkpoint {path} has dimension d = {manifest['d']}; this run's problem has "
+                         f"d = {d}")
+    if manifest["config_hash"] != config_hash(cfg):
+        then, now = fixed_config(manifest["config"]), fixed_config(cfg)
+        changed = [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(then) | set(now))
+                   if then.get(k) != now.get(k)]
+        raise CdmpiError(f"checkpoint {path} was written with a different config ({'; '.join(changed)}); "
+                         f"only {', '.join(MUTABLE_KEYS)} and [checkpoint] may change on resume")
+    if manifest["step"] > cfg.run.steps:
+        raise CdmpiError(f"checkpoint {path} is at step {manifest['step']}, past run.steps = {cfg.run.steps}")
+
+
+def resolve(spec: str, root: Path, cfg: Config, n_workers: int, world_size: int, d: int,
+            warn=None) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from (server only). spec 'auto': the newest valid one under root, or None
+    when there is none; damaged ones are skipped with a warning. Otherwise spec is a checkpoint directory
+    (which must be valid) or a root holding checkpoint directories (treated like auto, but one must exist)."""
+    path = Path(spec) if spec != "auto" else root
+    if spec != "auto" and STEP_DIR.match(path.name):
+        if not path.is_dir():
+            raise CdmpiError(f"checkpoint {path} not found")
+        manifest = validate(path)
+        check_compatible(path, manifest, cfg, n_workers, world_size, d)
+        return path, manifest
+    candidates = list_checkpoints(path)
+    for candidate in candidates:
+        try:
+            manifest = validate(candidate)
+        except CdmpiError as err:
+            if warn is not None:
+                warn(f"{err}; trying an older checkpoint")
+            continue
+        check_compatible(candidate, manifest, cfg, n_workers, world_size, d)
+        return candidate, manifest
+    if spec != "auto":
+        what = "no valid checkpoint" if candidates else "no checkpoint (step-* directory)"
+        raise CdmpiError(f"--resume {spec}: {what} found in {path}")
+    return None
+
+
+def restore(session, spec: str, root: Path, warn=None) -> int | None:
+    """Collective: the server picks the checkpoint, every process loads its own files. Returns the step
+    to start from, or None when `auto` found no checkpoint (a fresh start)."""
+    transport = session.transport
+    choice = None
+    if transport.is_server:
+        try:
+            found = resolve(spec, root, session.cfg, transport.n_workers, transport.world_size, session.d, warn)
+            choice = ("ok", None) if found is None else ("ok", (str(found[0]), int(found[1]["step"])))
+        except Exception as err:  # every rank must get an answer, whatever failed
+            choice = ("error", str(err) if isinstance(err, CdmpiError) else f"{type(err).__name__}: {err}")
+    status, value = transport.share(choice)
+    if status == "error":
+        raise CdmpiError(value) if transport.is_server else CdmpiError("see the server's error")
+    if value is None:
+        return None
+    path, step = Path(value[0]), value[1]
+    for name, (role, runtime) in _roles(session).items():
+        file = path / name
+        try:
+            loaded = torch.load(file, weights_only=True, map_location="cpu")
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+            raise CdmpiError(f"checkpoint file {file} is unreadable: {type(err).__name__}: {err}") from None
+        if not isinstance(loaded, dict) or loaded.get("role") != role or loaded.get("step") != step:
+            raise CdmpiError(f"checkpoint file {file} does not hold the {role} state of step {step}")
+        try:
+            runtime.load_state_dict(loaded["state"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise CdmpiError(f"checkpoint file {file} does not fit this run: {type(err).__name__}: {err}") \
+                from None
+    return step
