@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/cdmpi report runs/demo-mushrooms.h5
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -29,6 +29,8 @@ needs_cluster = pytest.mark.skipif(
     not ENABLED, reason="no SLURM cluster: set CDMPI_SLURM_TESTS=1 after `slurm/local_cluster.sh start` "
                         "(.ci/run does this where it is root and can install Debian's slurm packages)")
 ROWS = ("step", "loss", "grad_norm_sq", "bits_up", "bits_down")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED")
 WORKERS = 2  # 3 tasks: CI has 2 cores, so jobs are submitted with --overcommit
 
 
@@ -62,11 +64,32 @@ def sbatch_wait(script: str, sbatch_args, env: dict, timeout: float = 240) -> su
         pytest.fail(f"SLURM job {name} did not finish in {timeout}s: {' '.join(map(str, cmd))}")
 
 
-def job_fields(job_id: str) -> dict:
-    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} when SLURM forgot the job."""
+def job_fields(job_id: str) -> list[dict]:
+    """`scontrol show job` as one dict per job or array task (JobState, Restarts, ExitCode, ...)."""
     out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
                          timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+
+
+def submit(script: str, sbatch_args, env: dict) -> str:
+    r = shell(["sbatch", "--parsable", "--overcommit", f"--job-name=cdmpi-test-{script.split('.')[0]}",
+               *sbatch_args, SLURM / script], env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def wait_done(job_id: str, timeout: float = 240) -> list[dict]:
+    """Poll until the job (every task of an array) has ended; cancel it and fail at the timeout.
+    (`sbatch --wait` polls with growing intervals, up to 32 s, which would triple these tests' time.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = job_fields(job_id)
+        if fields and all(f.get("JobState") in ENDED for f in fields):
+            return fields
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], timeout=30)
+            pytest.fail(f"SLURM job {job_id} did not finish in {timeout}s: {fields}")
+        time.sleep(0.5)
 
 
 def local_run(config: Path, out: Path, *overrides: str) -> dict:
@@ -164,9 +187,10 @@ def test_train_sbatch_matches_in_process_run(cluster, tmp_path):
 def test_train_sbatch_rejects_a_worker_count_that_does_not_fit(cluster, tmp_path):
     config = small_config(tmp_path / "small.toml")
     out = tmp_path / "run.h5"
-    r = sbatch_wait("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"],
-                    slurm_env(CONFIG=config, OUT=out, WORKERS=WORKERS + 2))
-    assert r.returncode != 0
+    job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"],
+                 slurm_env(CONFIG=config, OUT=out, WORKERS=WORKERS + 2))
+    [fields] = wait_done(job, timeout=60)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", fields
     assert f"WORKERS={WORKERS + 2} needs --ntasks={WORKERS + 3}" in out.with_suffix(".log").read_text()
     assert not out.exists()
 
@@ -178,9 +202,12 @@ def test_sweep_array_runs_every_grid_line(cluster, tmp_path):
     grid.write_text("# algorithm lr dataset [key=value ...]\ncdadam 0.01 synthetic\n\n"
                     "cdadam 0.003 synthetic run.seed=5\ncdadam 0.03 synthetic\n")
     env = slurm_env(GRID=grid, CONFIG=config, OUT_DIR=tmp_path / "sweep")
-    r = sbatch_wait("sweep.sbatch", ["--array=1-3", f"--ntasks={WORKERS + 1}",
-                                     f"--output={tmp_path}/slurm-%A_%a.out"], env, timeout=360)
-    assert r.returncode == 0, r.stdout + r.stderr + "".join(p.read_text() for p in tmp_path.glob("slurm-*"))
+    job = submit("sweep.sbatch", ["--array=1-3", f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%A_%a.out"],
+                 env)
+    tasks = wait_done(job, timeout=300)
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["1", "2", "3"], tasks
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), \
+        "".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*")))
     losses = []
     for lr, extra in (("0.01", ()), ("0.003", ("run.seed=5",)), ("0.03", ())):
         run = metrics.read(tmp_path / "sweep" / "synthetic" / f"cdadam-lr{lr}.h5")
@@ -198,26 +225,18 @@ def test_requeued_job_resumes_from_its_checkpoint_bit_exactly(cluster, tmp_path)
     out = tmp_path / "run.h5"
     ckpt = out.with_suffix(".ckpt")
     env = slurm_env(CONFIG=config, OUT=out, SET=sets)
-    r = shell(["sbatch", "--parsable", "--overcommit", f"--ntasks={WORKERS + 1}", "--job-name=cdmpi-test-requeue",
-               f"--output={tmp_path}/slurm-%j.out", SLURM / "train.sbatch"], env=env)
-    assert r.returncode == 0, r.stderr
-    job = r.stdout.strip().split(";")[0]
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpt / "step-000000100").is_dir():  # mid-run: a checkpoint is on disk, most steps are not
-            assert time.monotonic() < deadline, f"job {job} wrote no checkpoint: {job_fields(job)}"
-            assert job_fields(job).get("JobState") in ("PENDING", "RUNNING"), f"job {job} ended: {job_fields(job)}"
-            time.sleep(0.1)
-        assert shell(["scontrol", "requeue", job]).returncode == 0
-        while (fields := job_fields(job)).get("JobState") != "COMPLETED":
-            assert time.monotonic() < deadline, f"job {job} did not finish after the requeue: {fields}"
-            assert fields.get("JobState") in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD"), \
-                f"job {job}: {fields}\n{out.with_suffix('.log').read_text()}"
-            time.sleep(0.5)
-    finally:
-        subprocess.run(["scancel", job], timeout=30)
+    job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "step-000000100").is_dir():  # mid-run: a checkpoint is on disk, most steps are not
+        [fields] = job_fields(job)
+        if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"job {job} wrote no checkpoint of step 100: {fields}")
+        time.sleep(0.1)
+    assert shell(["scontrol", "requeue", job]).returncode == 0
+    [fields] = wait_done(job)
     log = out.with_suffix(".log").read_text()
-    assert fields.get("Restarts") == "1", fields
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{log}"
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
     assert stopped, log
     assert 100 <= int(stopped.group(1)) < steps
