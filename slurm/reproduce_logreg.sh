@@ -11,7 +11,7 @@
 #   DATASETS     (phishing mushrooms a9a w8a)
 #   ALGORITHMS   (cdadam amsgrad amsgrad-ef amsgrad-naive); amsgrad runs uncompressed (compress.name=identity)
 #   LRS          (0.001 0.003 0.005 0.007 0.009)
-#   WORKERS      (20)             STEPS  iterations T, the same for every method (1000)
+#   WORKERS      (20)             STEPS  iterations T, the same for every method (the configs' run.steps)
 #   OUT_DIR      grid, results, logs and checkpoints (runs/logreg-slurm)
 #   MAX_PARALLEL at most this many array tasks at once (8)
 #   TIME         per-task time limit (02:00:00)      SBATCH_ARGS  more sbatch options ("")
@@ -35,7 +35,7 @@ DATASETS=${DATASETS:-phishing mushrooms a9a w8a}
 ALGORITHMS=${ALGORITHMS:-cdadam amsgrad amsgrad-ef amsgrad-naive}
 LRS=${LRS:-0.001 0.003 0.005 0.007 0.009}
 WORKERS=${WORKERS:-20}
-STEPS=${STEPS:-1000}
+STEPS=${STEPS:-}
 OUT_DIR=${OUT_DIR:-runs/logreg-slurm}
 MAX_PARALLEL=${MAX_PARALLEL:-8}
 TIME=${TIME:-02:00:00}
@@ -58,7 +58,7 @@ runs=$(grep -cvE '^[[:space:]]*(#|$)' "$grid")
 # shellcheck disable=SC2206  # SBATCH_ARGS is a list of options
 cmd=(sbatch --array="1-$runs%$MAX_PARALLEL" --ntasks=$((WORKERS + 1)) --time="$TIME"
      --job-name=cdmpi-logreg --output="$OUT_DIR/%x-%A_%a.out" $SBATCH_ARGS slurm/sweep.sbatch)
-export GRID=$grid OUT_DIR WORKERS CONFIG="configs/logreg/{dataset}.toml" SET="run.steps=$STEPS ${SET:-}"
+export GRID=$grid OUT_DIR WORKERS CONFIG="configs/logreg/{dataset}.toml" SET="${STEPS:+run.steps=$STEPS} ${SET:-}"
 echo "reproduce_logreg.sh: $runs runs in $grid; results in $OUT_DIR/<dataset>/<algorithm>-lr<lr>.h5"
 if [[ $DRY_RUN == 1 ]]; then
     echo "GRID=$GRID OUT_DIR=$OUT_DIR WORKERS=$WORKERS CONFIG=$CONFIG SET='$SET' ${cmd[*]}"
