@@ -69,6 +69,14 @@ def _describe(err: BaseException) -> str:
 
 
 def cmd_train(args) -> int:
+    stop = _StopOnSigterm()  # from here on, SIGTERM means: stop at the next check step with a checkpoint
+    try:
+        return _train(args, stop)
+    finally:
+        stop.restore()
+
+
+def _train(args, stop: "_StopOnSigterm") -> int:
     from . import checkpoint, train, transport as transports
 
     backend = args.backend
@@ -136,7 +144,6 @@ def cmd_train(args) -> int:
             print(f"cdmpi: error{where}: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    stop = _StopOnSigterm()
     session.stop_requested = stop.requested
 
     logger.info("%s; %s with %s, %d workers, d = %d, %s backend", session.description,
@@ -171,7 +178,10 @@ class _StopOnSigterm:
 
     def __init__(self):
         self.signals = 0
-        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.signals += 1

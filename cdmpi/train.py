@@ -77,13 +77,16 @@ def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,
                                               overwrite=overwrite, resume_step=resume_step)
 
 
+NON_FINITE = -2  # in place of a checksum: this worker's x holds inf or nan
+
+
 def x_checksum(x: torch.Tensor) -> int:
     """A 62-bit digest of x's bytes; copies of x on different workers must agree bit for bit."""
     digest = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 
-class TestHooks:
+class FaultHooks:
     """Fault injection for the reliability tests, from environment variables; inert when unset.
     CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W before step T.
     CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last)."""
@@ -104,14 +107,20 @@ class TestHooks:
 def check_copies(session: Session, t: int) -> bool:
     """Collective: every worker's x checksum and every process's stop request. Returns whether to stop;
     raises AgreedError on every process when the workers' copies of x differ."""
-    stop, hashes = session.transport.check(session.stop_requested(),
-                                           [x_checksum(w.params) for w in session.workers])
+    stop, hashes = session.transport.check(
+        session.stop_requested(),
+        [x_checksum(w.params) if bool(torch.isfinite(w.params).all()) else NON_FINITE for w in session.workers])
+
+    def where(indices) -> str:
+        return ", ".join(f"worker {i} (rank {i + 1 if session.transport.name == 'mpi' else 0})" for i in indices)
+
+    if NON_FINITE in hashes:  # checked before a checkpoint is written, so none holds a non-finite x
+        bad = [i for i, h in enumerate(hashes) if h == NON_FINITE]
+        raise AgreedError(f"non-finite x at step {t} on {where(bad)}; the last checkpoint holds the last good state")
     values = sorted(set(hashes), key=hashes.count, reverse=True)
     if len(values) > 1:
         odd = [i for i, h in enumerate(hashes) if h != values[0]]
-        where = ", ".join(f"worker {i}" + (f" (rank {i + 1})" if session.transport.name == "mpi" else "")
-                          for i in odd)
-        raise AgreedError(f"the workers' copies of x differ at step {t}: {where} disagree(s) with the other "
+        raise AgreedError(f"the workers' copies of x differ at step {t}: {where(odd)} disagree(s) with the other "
                           f"{len(hashes) - len(odd)} worker(s) (checksum of x, compared every "
                           f"{session.cfg.checkpoint.check_every} steps)")
     return stop
@@ -146,7 +155,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=session.start_step, unit="step", dynamic_ncols=True, leave=True)
-    hooks = TestHooks()
+    hooks = FaultHooks()
     every, check_every, root = cfg.checkpoint.every, cfg.checkpoint.check_every, session.checkpoint_root
     try:
         for t in range(session.start_step, steps + 1):
@@ -154,6 +163,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
             if t > session.start_step:  # checks and checkpoints see x_t before its gradient is computed
                 save = root is not None and (t == steps or (every > 0 and t % every == 0))
                 stop = check_copies(session, t) if save or t % check_every == 0 else False
+                stop = stop and t < steps  # at step T the run just finishes
                 if save or (stop and root is not None):
                     session.last_checkpoint = checkpoint.save(session, t, root)
                 if stop:

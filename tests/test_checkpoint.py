@@ -1,0 +1,94 @@
+"""Checkpoint bookkeeping and the metrics file's resume, in process (no MPI): quick checks of the pieces
+the whole-system tests in test_reliability.py rely on."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from cdmpi import checkpoint, config, metrics
+from cdmpi.errors import CdmpiError
+
+
+def test_config_hash_ignores_only_the_keys_that_may_change():
+    base = config.from_dict({})
+    same = [config.from_dict({}, [o]) for o in ("run.steps=7", "run.threads=3", "run.flush_every=2",
+                                                 "run.log_every=5", "run.workers=9", "checkpoint.every=3",
+                                                 "checkpoint.keep=0", "checkpoint.dir='x'")]
+    assert {checkpoint.config_hash(c) for c in same} == {checkpoint.config_hash(base)}
+    for override in ("run.seed=1", "optim.lr=0.1", "compress.name='topk'", "data.batch_size=4", "run.dtype='float32'"):
+        assert checkpoint.config_hash(config.from_dict({}, [override])) != checkpoint.config_hash(base), override
+
+
+def test_checkpoint_root_sits_next_to_the_metrics_file(tmp_path):
+    cfg = config.from_dict({})
+    assert checkpoint.root_for(cfg, tmp_path / "RUN.h5") == tmp_path / "RUN.ckpt"
+    moved = config.from_dict({}, [f"checkpoint.dir='{tmp_path / 'elsewhere'}'"])
+    assert checkpoint.root_for(moved, tmp_path / "RUN.h5") == tmp_path / "elsewhere"
+
+
+def test_unfinished_and_damaged_checkpoints(tmp_path):
+    (tmp_path / "step-000000030.tmp").mkdir()  # a write that never finished
+    (tmp_path / "step-000000010").mkdir()
+    (tmp_path / "step-000000020").mkdir()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000020", "step-000000010"]
+    with pytest.raises(CdmpiError, match="manifest.json not found"):
+        checkpoint.validate(tmp_path / "step-000000010")
+    manifest = tmp_path / "step-000000020" / "manifest.json"
+    manifest.write_text('{"format_version": 1, "step": 20, "fi')
+    with pytest.raises(CdmpiError, match=f"manifest {manifest} is corrupt"):
+        checkpoint.validate(manifest.parent)
+    manifest.write_text(json.dumps({"format_version": 1, "step": 20, "files": {"server.pt": {"nbytes": 3,
+                                                                                            "sha256": "0" * 64}}}))
+    (manifest.parent / "server.pt").write_bytes(b"abc")
+    with pytest.raises(CdmpiError, match="server.pt is corrupt: its sha256"):
+        checkpoint.validate(manifest.parent)
+    with pytest.raises(CdmpiError, match="no valid checkpoint found"):
+        checkpoint.resolve(str(tmp_path), tmp_path, config.from_dict({}), 1, 2, 3)
+    warnings = []
+    assert checkpoint.resolve("auto", tmp_path, config.from_dict({}), 1, 2, 3, warnings.append) is None
+    assert len(warnings) == 2
+
+
+def _writer(path, **kw):
+    return metrics.MetricsWriter(path, {"config": "{}"}, flush_every=2, **kw)
+
+
+def _row(step):
+    return {"step": step, "loss": float(step), "grad_norm_sq": 0.0, "bits_up": step, "bits_down": step,
+            "wall_time": 0.0}
+
+
+def test_metrics_resume_drops_rows_at_and_after_the_checkpoint(tmp_path):
+    path = tmp_path / "m.h5"
+    w = _writer(path)
+    for step in range(7):
+        w.append("train", _row(step))
+    w.close()
+    w = _writer(path, resume_step=4)
+    with pytest.raises(ValueError, match="steps must increase"):
+        w.append("train", _row(3))
+    for step in range(4, 9):
+        w.append("train", _row(step))
+    w.close()
+    data = metrics.read(path)
+    np.testing.assert_array_equal(data["train"]["step"], np.arange(9))
+    np.testing.assert_array_equal(data["train"]["loss"], np.arange(9.0))
+    assert list(data["attrs"]["resumed_at_steps"]) == [4]
+    with pytest.raises(CdmpiError, match="not found"):
+        _writer(tmp_path / "missing.h5", resume_step=4)
+
+
+def test_a_failed_flush_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "m.h5"
+    w = _writer(path)
+    w.append("train", _row(0))
+    w.append("train", _row(1))  # flushed
+    w.append("train", {**_row(2), "loss": "not a number"})
+    with pytest.raises(ValueError):
+        w.append("train", _row(3))  # this flush fails half-way through the columns
+    with h5py.File(path, "r") as fh:
+        assert {name: ds.shape[0] for name, ds in fh["train"].items()} == dict.fromkeys(metrics.TRAIN_COLUMNS, 2)

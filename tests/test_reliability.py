@@ -1,0 +1,293 @@
+"""Step 4 acceptance: checkpoints, bit-exact resume, faults that end every rank, crash-safe metrics.
+
+Every MPI job runs under mpiexec in a subprocess with a timeout, with 4 ranks (server + 3 workers). The
+reference for "the same result" is an uninterrupted in-process run of the same config: the in-process
+backend is bit-identical to MPI (tests/test_smoke_mpi.py), and the checkpoint files are named by role,
+so both backends write comparable files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdmpi import checkpoint, cli, metrics
+
+from conftest import mpiexec_path, run_cdmpi, subprocess_env, write_config
+
+RANKS = 4  # server + 3 workers
+WORKERS = RANKS - 1
+STEPS = 60
+COLUMNS = ("step", "loss", "grad_norm_sq", "bits_up", "bits_down")
+EXIT_STOPPED = 75
+
+# Minibatches and random-k exercise the sampler state and the Markov frame counters on resume.
+CONFIG = f"""
+[run]
+steps = {STEPS}
+workers = {WORKERS}
+log_every = 1
+flush_every = 4
+seed = 5
+
+[data]
+dataset = "synthetic"
+samples = 300
+features = 16
+batch_size = 8
+
+[problem]
+init_scale = 0.5
+
+[optim]
+lr = 0.01
+
+[compress]
+name = "randk"
+ratio = 0.25
+
+[checkpoint]
+every = 10
+keep = 0
+check_every = 5
+"""
+
+
+@pytest.fixture
+def cfg_path(tmp_path) -> Path:
+    return write_config(tmp_path / "rel.toml", CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted in-process run: its metrics rows and every worker's final x."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write_config(tmp / "rel.toml", CONFIG)
+    out = tmp / "ref.h5"
+    r = run_cdmpi(["train", cfg, "--backend", "local", "--out", out, "--quiet"])
+    assert r.returncode == 0, r.stderr
+    return {"rows": metrics.read(out)["train"], "x": final_params(out.with_suffix(".ckpt"), STEPS)}
+
+
+def final_params(root: Path, step: int) -> list[torch.Tensor]:
+    path = checkpoint.step_dir(root, step)
+    checkpoint.validate(path)
+    return [torch.load(path / f"worker-{i:04d}.pt", weights_only=True)["state"]["params"] for i in range(WORKERS)]
+
+
+def assert_same_run(out: Path, reference) -> None:
+    rows = metrics.read(out)["train"]
+    assert np.all(np.diff(rows["step"]) > 0), "steps must stay unique and increasing"
+    for column in COLUMNS:
+        np.testing.assert_array_equal(rows[column], reference["rows"][column], err_msg=column)
+    for mine, theirs in zip(final_params(out.with_suffix(".ckpt"), STEPS), reference["x"]):
+        assert torch.equal(mine, theirs)  # bit for bit
+
+
+# ---- helpers for jobs that get killed ------------------------------------------------------------------
+
+def start_mpi_job(args, **env) -> subprocess.Popen:
+    """mpiexec in its own session (so the whole job can be signalled), stderr captured."""
+    cmd = [mpiexec_path(), "-n", str(RANKS), sys.executable, "-m", "cdmpi", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(**env), start_new_session=True)
+
+
+def wait_for(predicate, job: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if job.poll() is not None:
+            pytest.fail(f"the job ended (rc {job.returncode}) before the test could act: {job.communicate()}")
+        if time.monotonic() > deadline:
+            os.killpg(job.pid, signal.SIGKILL)
+            pytest.fail(f"gave up waiting after {timeout}s")
+        time.sleep(0.05)
+
+
+def finish(job: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """The job's exit code and stderr; a job still running after `timeout` seconds fails the test."""
+    try:
+        _, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        _, err = job.communicate()
+        pytest.fail(f"the job did not end within {timeout}s; stderr: {err}")
+    return job.returncode, err
+
+
+def rank_pid(job: subprocess.Popen, rank: int) -> int:
+    """The pid of one MPI rank of the job: a descendant of mpiexec with PMI_RANK=rank in its environment."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo = [job.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            environ = []
+        if f"PMI_RANK={rank}".encode() in environ:
+            return pid
+        todo.extend(children.get(pid, []))
+    pytest.fail(f"rank {rank} of the job not found")
+
+
+def has_checkpoint(root: Path, step: int | None = None):
+    return lambda: any(step is None or p.name == checkpoint.step_dir(root, step).name
+                       for p in checkpoint.list_checkpoints(root))
+
+
+# ---- 1. bit-exact resume -------------------------------------------------------------------------------
+
+def test_half_run_resumed_equals_full_run(tmp_path, cfg_path, reference):
+    out = tmp_path / "run.h5"
+    r1 = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--set", f"run.steps={STEPS // 2}"], ranks=RANKS)
+    assert r1.returncode == 0, r1.stderr
+    assert metrics.read(out)["train"]["step"][-1] == STEPS // 2  # this row is recomputed on resume
+    r2 = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--resume", "auto"], ranks=RANKS)
+    assert r2.returncode == 0, r2.stderr
+    assert_same_run(out, reference)
+    assert list(metrics.read(out)["attrs"]["resumed_at_steps"]) == [STEPS // 2]
+
+
+# ---- 2. SIGKILL of one worker, then resume ---------------------------------------------------------------
+
+def test_worker_killed_then_resumed_equals_uninterrupted_run(tmp_path, cfg_path, reference):
+    out = tmp_path / "run.h5"
+    root = out.with_suffix(".ckpt")
+    job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet"], CDMPI_TEST_STEP_SLEEP=0.1)
+    wait_for(has_checkpoint(root), job)
+    os.kill(rank_pid(job, 2), signal.SIGKILL)
+    rc, err = finish(job, timeout=30)  # MPICH's mpiexec ends the other ranks
+    assert rc != 0
+    assert metrics.read(out)["train"]["step"].size > 0
+    newest = checkpoint.list_checkpoints(root)[0]
+    checkpoint.validate(newest)  # intact
+    assert int(newest.name.split("-")[1]) < STEPS
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--resume", "auto"], ranks=RANKS)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, reference)
+
+
+# ---- 3. a truncated checkpoint ---------------------------------------------------------------------------
+
+def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, cfg_path, reference):
+    out = tmp_path / "run.h5"
+    root = out.with_suffix(".ckpt")
+    r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--set", "run.steps=30"])
+    assert r.returncode == 0, r.stderr
+    damaged = checkpoint.step_dir(root, 30) / "worker-0001.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+    r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--resume", damaged.parent])
+    assert r.returncode == 2
+    assert str(damaged) in r.stderr and "truncated" in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # one clear line, no traceback
+
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--resume", "auto"], ranks=RANKS)
+    assert r.returncode == 0, r.stderr
+    assert str(damaged) in r.stderr and "trying an older checkpoint" in r.stderr
+    assert "resuming from checkpoint step 20" in r.stderr
+    assert_same_run(out, reference)
+
+
+def test_resume_refuses_other_world_size_dimension_and_config(tmp_path, cfg_path, capsys):
+    out = tmp_path / "run.h5"
+    train = ["train", str(cfg_path), "--backend", "local", "--out", str(out), "--quiet"]
+    assert cli.main([*train, "--set", "run.steps=10"]) == 0  # in process: these are quick
+    cases = {
+        ("--workers", "2"): r"written by a run with 3 workers .*this run has 2 workers",
+        ("--set", "data.features=17"): r"dimension d = 16; this run's problem has d = 17",
+        ("--set", "optim.lr=0.02"): r"different config \(optim\.lr: 0\.01 -> 0\.02\)",
+    }
+    capsys.readouterr()
+    for extra, pattern in cases.items():
+        assert cli.main([*train, "--resume", "auto", *extra]) == 2
+        assert re.search(pattern, capsys.readouterr().err)
+    # a fresh start must not silently mix with the old run's checkpoints
+    assert cli.main([*train[:4], "--out", str(tmp_path / "other.h5"),
+                     "--set", f"checkpoint.dir='{out.with_suffix('.ckpt')}'"]) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    # and a changed run.steps is fine
+    assert cli.main([*train, "--resume", "auto", "--set", "run.steps=12"]) == 0
+    assert metrics.read(out)["train"]["step"][-1] == 12
+
+
+# ---- 4. SIGTERM ------------------------------------------------------------------------------------------
+
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, cfg_path):
+    out = tmp_path / "run.h5"
+    root = out.with_suffix(".ckpt")
+    job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "checkpoint.every=0"],
+                        CDMPI_TEST_STEP_SLEEP=0.1)
+    wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size > 0, job)
+    os.kill(rank_pid(job, 3), signal.SIGTERM)  # one worker only: the others learn it at the next check
+    rc, err = finish(job, timeout=30)
+    assert rc == EXIT_STOPPED, err
+    match = re.search(r"stopped by SIGTERM at step (\d+); checkpoint (\S+);", err)
+    assert match, err
+    step, path = int(match.group(1)), Path(match.group(2))
+    assert step % 5 == 0 and 0 < step < STEPS
+    assert path == checkpoint.step_dir(root, step)
+    assert checkpoint.validate(path)["step"] == step
+    assert metrics.read(out)["train"]["step"][-1] == step - 1  # every row before the checkpoint is on disk
+
+
+# ---- 5. divergence ---------------------------------------------------------------------------------------
+
+def test_diverging_run_stops_naming_step_and_rank(tmp_path, cfg_path):
+    out = tmp_path / "run.h5"
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--set", "optim.lr=1e308",
+                   "--set", "checkpoint.every=1"], ranks=RANKS, timeout=60)
+    assert r.returncode != 0
+    assert re.search(r"non-finite (gradient|loss or gradient|x) at step \d+ (on|from) worker \d+ \(rank \d+\)",
+                     r.stderr), r.stderr
+    for path in checkpoint.list_checkpoints(out.with_suffix(".ckpt")):  # only good states were kept
+        checkpoint.validate(path)
+        for i in range(WORKERS):
+            assert torch.isfinite(torch.load(path / f"worker-{i:04d}.pt", weights_only=True)["state"]["params"]).all()
+
+
+# ---- 6. checksum of x ------------------------------------------------------------------------------------
+
+def test_perturbed_copy_of_x_is_caught_by_the_checksum(tmp_path, cfg_path):
+    out = tmp_path / "run.h5"
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet"], ranks=RANKS, timeout=60,
+                  env=subprocess_env(CDMPI_TEST_PERTURB_X="1:7"))
+    assert r.returncode == 1, r.stderr
+    assert "copies of x differ at step 10: worker 1 (rank 2) disagree(s) with the other 2 worker(s)" in r.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(out.with_suffix(".ckpt"))] == []  # step 10 not saved
+
+
+# ---- 7. SIGKILL of the whole job -------------------------------------------------------------------------
+
+def test_metrics_file_readable_after_sigkill_of_the_whole_job(tmp_path, cfg_path, reference):
+    out = tmp_path / "run.h5"
+    root = out.with_suffix(".ckpt")
+    job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "run.flush_every=3"],
+                        CDMPI_TEST_STEP_SLEEP=0.1)
+    wait_for(has_checkpoint(root, 20), job)
+    os.killpg(job.pid, signal.SIGKILL)
+    finish(job, timeout=30)
+    rows = metrics.read(out)["train"]
+    n = rows["step"].size
+    assert n >= 20  # every row before the step-20 checkpoint was flushed when it was written
+    for column in COLUMNS:  # and the rows are exactly those of the uninterrupted run
+        np.testing.assert_array_equal(rows[column], reference["rows"][column][:n], err_msg=column)
+    assert json.loads(metrics.read(out)["attrs"]["config"])["run"]["steps"] == STEPS
