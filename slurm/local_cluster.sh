@@ -12,6 +12,7 @@
 # replaced), CDMPI_SLURM_INSTALL=0 (never run apt-get; fail if the packages are missing).
 # The node uses proctrack/linuxproc and task/none, so it needs no cgroups or systemd (containers work).
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -euo/{/^#SBATCH/{p;d};/^#/s/^# \{0,1\}//p}' "$0"; exit 0; fi
 
 STATE=${CDMPI_SLURM_STATE:-/var/tmp/cdmpi-slurm}
 CONF=${CDMPI_SLURM_CONF:-/etc/slurm/slurm.conf}

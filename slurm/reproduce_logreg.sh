@@ -18,6 +18,7 @@
 #   and everything sweep.sbatch / train.sbatch take (PYTHON, LAUNCHER, MPI_PLUGIN, RESUME, ...).
 # Afterwards: cdmpi report OUT_DIR/*/*.h5
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -euo/{/^#SBATCH/{p;d};/^#/s/^# \{0,1\}//p}' "$0"; exit 0; fi
 
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
     echo "reproduce_logreg.sh: this submits jobs; run it on a login node, not inside job $SLURM_JOB_ID" >&2

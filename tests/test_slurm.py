@@ -149,6 +149,8 @@ def test_every_script_is_strict_and_documented():
         assert lines[1].startswith("# "), f"{path}: no header comment"
         assert "set -euo pipefail" in lines, path
         assert shell(["bash", "-n", path]).returncode == 0, f"{path}: syntax error"
+        usage = shell(["bash", path, "--help"])
+        assert usage.returncode == 0 and usage.stdout.startswith(lines[1][2:]), f"{path} --help: {usage}"
 
 
 def test_reproduce_logreg_grid_is_the_papers(tmp_path):
