@@ -55,7 +55,7 @@ gpu-check: install
 	PYTHON=$(PY) bench/gpu_check.sh results/gpu
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
