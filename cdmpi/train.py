@@ -13,6 +13,7 @@ from .config import Config
 from .errors import CdmpiError
 from .metrics import MetricsWriter
 from .server import ServerRuntime
+from .timing import PHASES, PhaseTimer
 from .worker import WorkerRuntime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -27,6 +28,7 @@ class Session:
     workers: list[WorkerRuntime]  # the workers that live in this process
     server: ServerRuntime | None  # on the server's process only
     description: str
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # this process's time per phase of a step
     # Frame buffers by size, made once and reused: an algorithm's frame size may change (onebit-adam).
     _up: dict = field(default_factory=dict)
     _down: dict = field(default_factory=dict)
@@ -89,10 +91,13 @@ def run(session: Session, progress: bool = False) -> dict | None:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True)
+    timer = session.timer
     try:
+        timer.start()
         for t in range(steps + 1):
             log = is_log_step(t, cfg)
             shares = [w.compute(log) for w in session.workers]  # gradient at x_t
+            timer.lap("compute")
             if log:
                 rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, session.d + 1,
                                                                                              dtype=torch.float64))
@@ -101,19 +106,27 @@ def run(session: Session, progress: bool = False) -> dict | None:
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",
                                         refresh=False)
+                timer.lap("metrics")
             if t == steps:
                 break
             up, down = session.frame_buffers()
             for i, worker in enumerate(session.workers):
                 worker.encode(up[i])
+            timer.lap("encode")
             frames = transport.gather_frames(up)
+            timer.lap("gather")
             if server is not None:
                 server.aggregate(frames, down)
+            timer.lap("aggregate")
             transport.broadcast(down)
+            timer.lap("broadcast")
             for worker in session.workers:
                 worker.update(down, cfg.optim.lr)
+            timer.lap("update")
+            timer.steps += 1
             if bar is not None:
                 bar.update(1)
+        _record_timing(session)
         if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
             _record_final_params(session)
     finally:
@@ -122,6 +135,22 @@ def run(session: Session, progress: bool = False) -> dict | None:
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
+
+
+def _record_timing(session: Session) -> None:
+    """timing/worker_<phase> (seconds per step of each worker's process, gathered) and
+    timing/server_<phase> (the server's process) into the metrics file. On the in-process backend one
+    process runs everything, so each worker's row is that process's time divided by n."""
+    own = session.timer.per_step()
+    local = len(session.workers)
+    rows = (own / local).repeat(local, 1) if local else torch.zeros(0, len(PHASES), dtype=torch.float64)
+    gathered = session.transport.gather_stats(rows)
+    server = session.server
+    if server is None or server.writer is None:
+        return
+    for j, phase in enumerate(PHASES):
+        server.writer.write_array(f"timing/worker_{phase}", gathered[:, j].numpy())
+        server.writer.write_array(f"timing/server_{phase}", own[j:j + 1].numpy())
 
 
 def _record_final_params(session: Session) -> None:

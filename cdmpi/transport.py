@@ -75,6 +75,9 @@ class MPITransport:
         self.worker_indices = [] if self.is_server else [self.rank - 1]
         self.mpi_library = MPI.Get_library_version().strip().splitlines()[0].strip()
         self._recv: dict[tuple, torch.Tensor] = {}
+        # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
+        # (the server's n frames), and the Bcast buffer (once per rank).
+        self.frame_nbytes = {"gather": 0, "broadcast": 0}
 
     @classmethod
     def from_world(cls) -> "MPITransport":
@@ -99,10 +102,19 @@ class MPITransport:
         return None
 
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None:
-        return self._gather(up)
+        frames = self._gather(up)
+        self.frame_nbytes["gather"] += (frames if self.is_server else up[0]).numpy().nbytes
+        return frames
 
     def broadcast(self, down: torch.Tensor) -> None:
-        self.comm.Bcast(down.numpy(), root=0)
+        buf = down.numpy()
+        self.comm.Bcast(buf, root=0)
+        self.frame_nbytes["broadcast"] += buf.nbytes
+
+    def allreduce_sum_(self, buf: torch.Tensor) -> None:
+        """In place: buf = the sum of buf over every rank (bench/end_to_end.py's fp32 Allreduce baseline;
+        the server passes zeros). The summation order is MPI's, so it is not bit-reproducible in-process."""
+        self.comm.Allreduce(self._mpi.IN_PLACE, buf.numpy(), op=self._mpi.SUM)
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self._gather(rows)

@@ -10,6 +10,7 @@ from .. import data
 from ..config import Config
 from ..errors import CdmpiError
 from .logreg import LogRegShard
+from .quadratic import QuadraticShard
 
 
 @dataclass
@@ -38,7 +39,16 @@ def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built
                  f"logreg on {ds.name}: {ds.n_samples} samples, {ds.n_features} features")
 
 
-PROBLEMS = {"logreg": _logreg}
+def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
+    d = cfg.problem.dim
+    if d <= 0:
+        raise CdmpiError(f"problem quadratic needs problem.dim > 0, got {d}")
+    shards = {i: QuadraticShard(d, i, n_workers, cfg.run.seed, dtype, device) for i in worker_indices}
+    x0 = torch.zeros(d, dtype=dtype, device=device)
+    return Built(d, x0, shards, f"quadratic 0.5 ||x - c_i||^2, d = {d}")
+
+
+PROBLEMS = {"logreg": _logreg, "quadratic": _quadratic}
 
 
 def build(cfg: Config, n_workers: int, worker_indices, dtype, device="cpu") -> Built:
