@@ -44,9 +44,9 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch thread(s), Python {platform.python_version()}")
 
 
-def publish(name: str, title: str, text: str, notes: str = "") -> Path:
+def publish(name: str, title: str, text: str, notes: str = "", launcher: str = "") -> Path:
     """Print the table and write it, with the command that made it, to results/bench/NAME.md."""
-    command = "python " + " ".join(shlex.quote(a) for a in [f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    command = launcher + "python " + " ".join(shlex.quote(a) for a in [f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     body = (f"## {title}\n\nCommand: `{command}`\n\nMachine: {machine()}; "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}\n")
     if notes:

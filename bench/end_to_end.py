@@ -131,7 +131,8 @@ def main() -> None:
                 "step are counted from the numpy buffers handed to MPI (Gather: all n frames at the server; "
                 "Bcast: each worker's copy) and checked equal to n * frame_nbytes; for the Allreduce they are "
                 "each worker's fp32 buffer (4 d), MPI's internal traffic is not visible. "
-                "Every rank is one process with one torch thread; 5 ranks share the machine's cores.")
+                "Every rank is one process with one torch thread; the ranks share the machine's cores.",
+                launcher=f"mpiexec -n {transport.world_size} ")
 
 
 if __name__ == "__main__":

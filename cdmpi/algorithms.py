@@ -24,12 +24,20 @@ def amsgrad_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, be
     Elementwise, so it runs chunk by chunk: the five vectors are read and written once while each
     chunk's intermediates stay in cache."""
     denom = wire.scratch("amsgrad_denom", params.dtype, params.device)
-    for lo, hi in wire.chunks(params.numel()):
-        g, m, v, v_hat = grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], max_exp_avg_sq[lo:hi]
-        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        torch.maximum(v_hat, v, out=v_hat)
-        params[lo:hi].addcdiv_(m, torch.add(v_hat, nu, out=denom[:hi - lo]).sqrt_(), value=-lr)
+    d = params.numel()
+    if d <= wire.CHUNK:  # one chunk: skip the slicing
+        _amsgrad_chunk_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, denom[:d], lr, beta1, beta2, nu)
+        return
+    for lo, hi in wire.chunks(d):
+        _amsgrad_chunk_(params[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], max_exp_avg_sq[lo:hi],
+                        denom[:hi - lo], lr, beta1, beta2, nu)
+
+
+def _amsgrad_chunk_(x, g, m, v, v_hat, denom, lr, beta1, beta2, nu) -> None:
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    torch.maximum(v_hat, v, out=v_hat)
+    x.addcdiv_(m, torch.add(v_hat, nu, out=denom).sqrt_(), value=-lr)
 
 
 class AmsgradState:

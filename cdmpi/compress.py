@@ -76,28 +76,28 @@ class ScaledSign(Compressor):
         return 1.0 / self.d
 
     # The hot paths run chunk by chunk (wire.CHUNK): ||x||_1 and the sign bits in one pass over x, and
-    # the n frames of the server summed chunk by chunk through +-scale tables, never as n dense vectors.
+    # the n frames of the server summed chunk by chunk through the sign table, never as n dense vectors.
 
-    def _pack(self, x: torch.Tensor, signs: torch.Tensor, lo: int, hi: int) -> float:
-        """Pack the sign bits of x (coordinates lo..hi) into signs; return ||x||_1 of the chunk."""
+    def _pack(self, x: torch.Tensor, signs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Pack the sign bits of x (coordinates lo..hi) into signs; return ||x||_1 of the chunk (0-d)."""
         wire.pack_signs_chunk(x, signs[lo // 8:(hi + 7) // 8])
-        return float(torch.abs(x, out=wire.scratch("abs", x.dtype, x.device)[:hi - lo]).sum())
+        return torch.abs(x, out=wire.scratch("abs", x.dtype, x.device)[:hi - lo]).sum()
 
-    def _write_scale(self, frame, l1: float) -> None:
-        wire.write_f32(frame, 0, torch.tensor(l1 / self.d, dtype=torch.float64))
+    def _pack_all(self, x_of, frame) -> None:
+        """Frame = fp32 ||x||_1 / d, then the signs; x_of(lo, hi) gives the chunk of x."""
+        signs = frame[4:]
+        l1 = None
+        for lo, hi in wire.chunks(self.d):
+            part = self._pack(x_of(lo, hi), signs, lo, hi)
+            l1 = part if l1 is None else l1 + part
+        wire.write_f32(frame, 0, l1 / self.d)
 
     def encode(self, x, frame, key=0):
-        signs = frame[4:]
-        self._write_scale(frame, sum(self._pack(x[lo:hi], signs, lo, hi) for lo, hi in wire.chunks(self.d)))
+        self._pack_all(lambda lo, hi: x[lo:hi], frame)
 
     def encode_delta_(self, target, state, frame, key=0):
         diff = wire.scratch("diff", state.dtype, state.device)
-        signs = frame[4:]
-        l1 = 0.0
-        for lo, hi in wire.chunks(self.d):
-            chunk = torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo])
-            l1 += self._pack(chunk, signs, lo, hi)
-        self._write_scale(frame, l1)
+        self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
         self.decode_add_(frame, state)
 
     def decode(self, frame, dtype, key=0):
@@ -108,15 +108,15 @@ class ScaledSign(Compressor):
         wire.add_scaled_signs_(frame[4:], wire.read_f32(frame, 0, 1), acc)
 
     def add_sum_(self, frames, acc, keys, alpha=1.0):
-        tables = [wire.scaled_sign_table(wire.read_f32(frame, 0, 1), acc.dtype) for frame in frames]
+        scales = [wire.read_f32(frame, 0, 1).to(acc.dtype) for frame in frames]
+        table = wire.sign_table(acc.dtype, acc.device)
         signs = frames[:, 4:]
         total = wire.scratch("total", acc.dtype, acc.device)
         for lo, hi in wire.chunks(self.d):
             packed = signs[:, lo // 8:(hi + 7) // 8]
-            part = total[:hi - lo]
-            part.copy_(wire.lookup_chunk(tables[0], packed[0], hi - lo))
-            for i in range(1, len(tables)):
-                part.add_(wire.lookup_chunk(tables[i], packed[i], hi - lo))
+            part = total[:hi - lo].zero_()
+            for i, scale in enumerate(scales):
+                part.addcmul_(wire.lookup_chunk(table, packed[i], hi - lo), scale)
             acc[lo:hi].add_(part, alpha=alpha)
 
 

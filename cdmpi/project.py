@@ -8,7 +8,8 @@ and one-way latency L). Rank 0's link carries every frame, so it is the bottlene
 with compute, encode and update the workers' mean measured seconds per step, aggregate the server's,
 up_bytes the n upload frames and down_bytes the n copies of the download frame per step (the bits the
 run counted from the buffers it handed to the transport). The measured communication time is dropped:
-the link is what is projected. For comparison, uncompressed AMSGrad with a ring Allreduce of the fp32
+the link is what is projected. In the table, link_bytes is the bytes per step through the busiest link
+and optimizer ms is encode + aggregate + update (update alone for the Allreduce). For comparison, uncompressed AMSGrad with a ring Allreduce of the fp32
 gradient over the n workers, with the same compute and update times:
 
     step = compute + 2 (n - 1) L + 2 (n - 1) / n * 4 d / B + update
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import analysis, metrics
 from .errors import CdmpiError
 
 
@@ -65,26 +66,23 @@ def ring_allreduce_step(m: dict, gbit_per_s: float, latency: float) -> float:
 
 
 def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
+    """Two rows per file: the star model of the measured run, and the ring-Allreduce comparison."""
     out = []
     for path in paths:
         m = measured(path)
-        out.append({**m, "model": "star (measured run)",
+        ring_bytes = 2 * (m["n_workers"] - 1) / m["n_workers"] * 4 * m["dim"]
+        out.append({**m, "run": f"{Path(path).name}", "model": "star (as measured)",
+                    "link_bytes": m["up_bytes"] + m["down_bytes"], "compute ms": 1e3 * m["compute"],
+                    "optimizer ms": 1e3 * (m["encode"] + m["aggregate"] + m["update"]),
                     **{f"{b:g} Gbit/s ms": 1e3 * star_step(m, b, latency) for b in bandwidths}})
-        out.append({**m, "model": "fp32 ring Allreduce, same compute",
+        out.append({**m, "run": f"{Path(path).name}", "model": "fp32 ring Allreduce", "link_bytes": ring_bytes,
+                    "compute ms": 1e3 * m["compute"], "optimizer ms": 1e3 * m["update"],
                     **{f"{b:g} Gbit/s ms": 1e3 * ring_allreduce_step(m, b, latency) for b in bandwidths}})
     return out
 
 
 def format_table(table_rows: list[dict], bandwidths: list[float]) -> str:
-    header = ["run", "model", "n", "d", "bytes/step at rank 0", "compute ms", "opt ms (enc+agg+upd)"] + \
-             [f"{b:g} Gbit/s ms" for b in bandwidths]
-    lines = ["  ".join(header)]
-    for r in table_rows:
-        star = r["model"].startswith("star")
-        nbytes = r["up_bytes"] + r["down_bytes"] if star else 2 * (r["n_workers"] - 1) / r["n_workers"] * 4 * r["dim"]
-        opt = r["encode"] + r["aggregate"] + r["update"] if star else r["update"]
-        cells = [f"{Path(r['path']).name}:{r['algorithm']}", r["model"], str(r["n_workers"]), str(r["dim"]),
-                 f"{nbytes:,.0f}", f"{1e3 * r['compute']:.3f}", f"{1e3 * opt:.3f}"] + \
-                [f"{r[f'{b:g} Gbit/s ms']:.3f}" for b in bandwidths]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+    columns = [("run", "{}"), ("algorithm", "{}"), ("model", "{}"), ("n_workers", "{}"), ("dim", "{}"),
+               ("link_bytes", "{:,.0f}"), ("compute ms", "{:.3f}"), ("optimizer ms", "{:.3f}")] + \
+              [(f"{b:g} Gbit/s ms", "{:.3f}") for b in bandwidths]
+    return analysis.format_table(table_rows, columns)

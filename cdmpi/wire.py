@@ -19,17 +19,18 @@ if sys.byteorder != "little":  # the fp32 views below would silently change the 
 # one multiply packs eight coordinates. Written as the int64 with the same bits as 0x8040201008040201.
 _PACK_MAGIC = 0x8040201008040201 - (1 << 64)
 
-_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SIGN_TABLES: dict[tuple, torch.Tensor] = {}
 
 # Long vectors are packed and unpacked CHUNK coordinates at a time, so that the temporaries of one
 # chunk (bools, int64 words, decoded values) stay in cache: memory sees one read of x, not five passes.
 CHUNK = 1 << 16
-_SCRATCH: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+_SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
 def scratch(name: str, dtype: torch.dtype, device, size: int = CHUNK) -> torch.Tensor:
-    """A reusable buffer of at least `size` elements (one per name, dtype and device; single-threaded)."""
-    key = (name, dtype, torch.device(device))
+    """A reusable buffer of at least `size` elements (one per name, dtype and device; single-threaded).
+    Pass device as tensor.device: it is the cache key as given."""
+    key = (name, dtype, device)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < size:
         buf = _SCRATCH[key] = torch.empty(max(size, CHUNK), dtype=dtype, device=device)
@@ -70,7 +71,7 @@ def pack_signs(x: torch.Tensor, out: torch.Tensor) -> None:
 
 def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(256, 8) table: row b holds the eight +-1 values that byte b encodes."""
-    key = (dtype, torch.device(device))
+    key = (dtype, device)
     table = _SIGN_TABLES.get(key)
     if table is None:
         byte = torch.arange(256).unsqueeze(1)
@@ -86,11 +87,6 @@ def unpack_signs(packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tens
     return table.index_select(0, packed.to(torch.int32)).view(-1)[:d]
 
 
-def scaled_sign_table(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(256, 8) table of the values +-scale that byte b encodes (scale * +-1 is exact)."""
-    return sign_table(dtype, scale.device) * scale.to(dtype)
-
-
 def lookup_chunk(table: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """The n values table encodes in the bytes `packed` (a chunk), in a scratch buffer."""
     nbytes = packed.numel()
@@ -102,10 +98,11 @@ def lookup_chunk(table: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Ten
 
 
 def add_scaled_signs_(packed: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor) -> None:
-    """acc += scale * signs(packed), coordinate by coordinate (the table holds +-scale exactly)."""
-    table = scaled_sign_table(scale, acc.dtype)
+    """acc += scale * signs(packed), chunk by chunk (scale * +-1 is exact, so this is acc +- scale)."""
+    table = sign_table(acc.dtype, acc.device)
+    scale = scale.to(acc.dtype)
     for lo, hi in chunks(acc.numel()):
-        acc[lo:hi].add_(lookup_chunk(table, packed[lo // 8:(hi + 7) // 8], hi - lo))
+        acc[lo:hi].addcmul_(lookup_chunk(table, packed[lo // 8:(hi + 7) // 8], hi - lo), scale)
 
 
 def _read(frame: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
