@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import wire
 from .compress import COMPRESSORS, Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
@@ -19,11 +20,24 @@ from .markov import ErrorFeedback, FrameReader, MarkovMean, MarkovSequence, mean
 
 
 def amsgrad_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, nu) -> None:
-    """Algorithm 1 lines 13-16, in place: m, v, v_hat = max(v_hat, v), x -= lr m / sqrt(v_hat + nu)."""
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-    params.addcdiv_(exp_avg, max_exp_avg_sq.add(nu).sqrt_(), value=-lr)
+    """Algorithm 1 lines 13-16, in place: m, v, v_hat = max(v_hat, v), x -= lr m / sqrt(v_hat + nu).
+    Elementwise, so it runs chunk by chunk: the five vectors are read and written once while each
+    chunk's intermediates stay in cache."""
+    denom = wire.scratch("amsgrad_denom", params.dtype, params.device)
+    d = params.numel()
+    if d <= wire.CHUNK:  # one chunk: skip the slicing
+        _amsgrad_chunk_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, denom[:d], lr, beta1, beta2, nu)
+        return
+    for lo, hi in wire.chunks(d):
+        _amsgrad_chunk_(params[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], max_exp_avg_sq[lo:hi],
+                        denom[:hi - lo], lr, beta1, beta2, nu)
+
+
+def _amsgrad_chunk_(x, g, m, v, v_hat, denom, lr, beta1, beta2, nu) -> None:
+    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    torch.maximum(v_hat, v, out=v_hat)
+    x.addcdiv_(m, torch.add(v_hat, nu, out=denom).sqrt_(), value=-lr)
 
 
 class AmsgradState:

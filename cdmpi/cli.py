@@ -113,6 +113,21 @@ def _plot_parser(sub) -> None:
     p.add_argument("--out", required=True, help="PNG (or any format matplotlib writes)")
 
 
+def _project_parser(sub) -> None:
+    p = sub.add_parser(
+        "project", help="projected step time on other networks from a run's measured times and bytes",
+        description="For each metrics file (with the timing/ group cdmpi train writes), the step time on "
+                    "links of the given bandwidths: measured compute, encode, aggregate and update times "
+                    "plus latency and the bytes per step through rank 0's link (star topology), and for "
+                    "comparison an fp32 ring Allreduce of the same d with the same compute. The model is "
+                    "in cdmpi/project.py and the README.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("files", nargs="+", help="HDF5 metrics files")
+    p.add_argument("--bandwidth", default="1,10,100", help="link bandwidths in Gbit/s, comma-separated")
+    p.add_argument("--latency", type=float, default=5e-6, help="one-way latency per message in seconds")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdmpi", description="Communication-compressed distributed AMSGrad (CD-Adam) over MPI.")
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_parser(sub)
     _report_parser(sub)
     _plot_parser(sub)
+    _project_parser(sub)
     return parser
 
 
@@ -311,6 +327,19 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_project(args) -> int:
+    import json
+
+    from . import project
+
+    bandwidths = project.parse_list(args.bandwidth, "--bandwidth")
+    if args.latency < 0:
+        raise CdmpiError(f"--latency must be >= 0, got {args.latency}")
+    rows = project.rows(analysis.expand(args.files), bandwidths, args.latency)
+    print(json.dumps(rows, indent=1) if args.json else project.format_table(rows, bandwidths))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from . import plot
 
@@ -323,7 +352,8 @@ def cmd_plot(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot}
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot,
+                    "project": cmd_project}
         return commands[args.command](args)
     except CdmpiError as err:
         print(f"cdmpi: error: {err}", file=sys.stderr)

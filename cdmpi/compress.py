@@ -41,6 +41,18 @@ class Compressor:
         """acc += C(x) from its frame."""
         acc.add_(self.decode(frame, acc.dtype, key))
 
+    def add_sum_(self, frames: torch.Tensor, acc: torch.Tensor, keys, alpha: float = 1.0) -> None:
+        """acc += alpha * S with S = sum_i C_i over the rows of frames, summed in row order."""
+        total = torch.zeros_like(acc)
+        for frame, key in zip(frames, keys):
+            self.decode_add_(frame, total, key)
+        acc.add_(total, alpha=alpha)
+
+    def encode_delta_(self, target: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, key: int = 0) -> None:
+        """One Markov step: write C(target - state) into frame, then state += the decoded frame."""
+        self.encode(target - state, frame, key)
+        self.decode_add_(frame, state, key)
+
     def __call__(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
         frame = torch.empty(self.frame_nbytes, dtype=torch.uint8, device=x.device)
         self.encode(x, frame, key)
@@ -63,17 +75,49 @@ class ScaledSign(Compressor):
         # ||C(x)-x||^2 = ||x||^2 - ||x||_1^2/d and ||x||_1^2 >= ||x||^2, so pi = 1/d in the worst case.
         return 1.0 / self.d
 
+    # The hot paths run chunk by chunk (wire.CHUNK): ||x||_1 and the sign bits in one pass over x, and
+    # the n frames of the server summed chunk by chunk through the sign table, never as n dense vectors.
+
+    def _pack(self, x: torch.Tensor, signs: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Pack the sign bits of x (coordinates lo..hi) into signs; return ||x||_1 of the chunk (0-d)."""
+        wire.pack_signs_chunk(x, signs[lo // 8:(hi + 7) // 8])
+        return torch.abs(x, out=wire.scratch("abs", x.dtype, x.device)[:hi - lo]).sum()
+
+    def _pack_all(self, x_of, frame) -> None:
+        """Frame = fp32 ||x||_1 / d, then the signs; x_of(lo, hi) gives the chunk of x."""
+        signs = frame[4:]
+        l1 = None
+        for lo, hi in wire.chunks(self.d):
+            part = self._pack(x_of(lo, hi), signs, lo, hi)
+            l1 = part if l1 is None else l1 + part
+        wire.write_f32(frame, 0, l1 / self.d)
+
     def encode(self, x, frame, key=0):
-        wire.write_f32(frame, 0, x.abs().sum() / self.d)
-        wire.pack_signs(x, frame[4:])
+        self._pack_all(lambda lo, hi: x[lo:hi], frame)
+
+    def encode_delta_(self, target, state, frame, key=0):
+        diff = wire.scratch("diff", state.dtype, state.device)
+        self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
+        self.decode_add_(frame, state)
 
     def decode(self, frame, dtype, key=0):
         scale = wire.read_f32(frame, 0, 1).to(dtype)
         return wire.unpack_signs(frame[4:], self.d, dtype) * scale
 
     def decode_add_(self, frame, acc, key=0):
-        scale = wire.read_f32(frame, 0, 1).to(acc.dtype)
-        acc.addcmul_(wire.unpack_signs(frame[4:], self.d, acc.dtype), scale)
+        wire.add_scaled_signs_(frame[4:], wire.read_f32(frame, 0, 1), acc)
+
+    def add_sum_(self, frames, acc, keys, alpha=1.0):
+        scales = [wire.read_f32(frame, 0, 1).to(acc.dtype) for frame in frames]
+        table = wire.sign_table(acc.dtype, acc.device)
+        signs = frames[:, 4:]
+        total = wire.scratch("total", acc.dtype, acc.device)
+        for lo, hi in wire.chunks(self.d):
+            packed = signs[:, lo // 8:(hi + 7) // 8]
+            part = total[:hi - lo].zero_()
+            for i, scale in enumerate(scales):
+                part.addcmul_(wire.lookup_chunk(table, packed[i], hi - lo), scale)
+            acc[lo:hi].add_(part, alpha=alpha)
 
 
 class _Sparse(Compressor):

@@ -40,10 +40,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProblemConfig:
-    name: str = "logreg"
+    name: str = "logreg"  # logreg | quadratic (a cheap objective for benchmarks at large d)
     reg: float = 0.1  # lambda of the nonconvex regulariser
     init_scale: float = 0.0  # x_1 = init_scale * N(0, I), seeded by run.seed
     model: str = "resnet18"  # classifier: resnet18 | vgg16 | wrn16_4 | small_cnn (cdmpi.nets.NETWORKS)
+    dim: int = 1000  # quadratic only: d of the benchmark objective (1/n) sum_i 0.5 ||x - c_i||^2
 
 
 @dataclass(frozen=True)

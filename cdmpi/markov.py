@@ -26,8 +26,8 @@ class MarkovSequence:
 
     def push(self, target: torch.Tensor, frame: torch.Tensor) -> None:
         """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes."""
-        self.compressor.encode(target - self.value, frame, self._key())
-        self.receive(frame)
+        self.compressor.encode_delta_(target, self.value, frame, self._key())
+        self.count += 1
 
     def receive(self, frame: torch.Tensor) -> None:
         """Receiver (and sender): w_hat += the decoded frame."""
@@ -52,15 +52,11 @@ class MarkovMean:
         self.count = 0
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device),
                                 frame_key(compressor, seed, 1, 0))
-        self._sum = torch.empty_like(self.value)
 
     def receive_all(self, frames: torch.Tensor) -> None:
         """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
-        self._sum.zero_()
-        for i in range(self.n_workers):
-            key = frame_key(self.compressor, self.seed, i + 1, self.count)
-            self.compressor.decode_add_(frames[i], self._sum, key)
-        self.value.add_(self._sum, alpha=1.0 / self.n_workers)
+        keys = [frame_key(self.compressor, self.seed, i + 1, self.count) for i in range(self.n_workers)]
+        self.compressor.add_sum_(frames, self.value, keys, alpha=1.0 / self.n_workers)
         self.count += 1
 
     def state_dict(self) -> dict:
@@ -134,6 +130,5 @@ def mean_of_frames(compressor: Compressor, frames: torch.Tensor, dtype: torch.dt
     """(1/n) sum_i C_i over the n rows of frames (row i from worker i, its frame number `count`),
     summed in worker order so every backend gets the same bits."""
     total = torch.zeros(compressor.d, dtype=dtype, device=frames.device)
-    for i in range(frames.shape[0]):
-        compressor.decode_add_(frames[i], total, frame_key(compressor, seed, i + 1, count))
+    compressor.add_sum_(frames, total, [frame_key(compressor, seed, i + 1, count) for i in range(frames.shape[0])])
     return total.div_(frames.shape[0])

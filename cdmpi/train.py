@@ -19,6 +19,7 @@ from .errors import AgreedError, CdmpiError
 from .metrics import EVAL_COLUMNS, MetricsWriter
 from .problems.classifier import EVAL_SHARE, TRAIN_SHARE
 from .server import ServerRuntime
+from .timing import PHASES, PhaseTimer
 from .worker import WorkerRuntime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -42,6 +43,7 @@ class Session:
     stopped_at: int | None = None  # the step a requested stop happened at
     last_checkpoint: Path | None = None  # on the server
     attrs: dict = field(default_factory=dict)  # the metrics file's attributes
+    timer: PhaseTimer = field(default_factory=PhaseTimer)  # this process's time per phase of a step
     # Frame buffers by size, made once and reused: an algorithm's frame size may change (onebit-adam).
     _up: dict = field(default_factory=dict)
     _down: dict = field(default_factory=dict)
@@ -215,8 +217,10 @@ def run(session: Session, progress: bool = False) -> dict | None:
         bar = tqdm(total=steps, initial=session.start_step, unit="step", dynamic_ncols=True, leave=True)
     record_paths(session)
     hooks = FaultHooks()
+    timer = session.timer
     every, check_every, root = cfg.checkpoint.every, cfg.checkpoint.check_every, session.checkpoint_root
     try:
+        timer.start()
         for t in range(session.start_step, steps + 1):
             hooks.before_step(t, session.workers)
             if t > session.start_step:  # checks and checkpoints see x_t before its gradient is computed
@@ -232,6 +236,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
             log = is_log_step(t, cfg) or evaluate
             shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
             check_finite(session, t)
+            timer.lap("compute")
             if log:
                 width = session.d + 1 if session.share_layout == "gradient" else TRAIN_SHARE + EVAL_SHARE * evaluate
                 rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, width,
@@ -242,20 +247,28 @@ def run(session: Session, progress: bool = False) -> dict | None:
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", grad_norm_sq=f"{row['grad_norm_sq']:.3g}",
                                         refresh=False)
+                timer.lap("metrics")
             if t == steps:
                 break
             up, down = session.frame_buffers()
             for i, worker in enumerate(session.workers):
                 worker.encode(up[i])
+            timer.lap("encode")
             frames = transport.gather_frames(up)
+            timer.lap("gather")
             if server is not None:
                 server.aggregate(frames, down)
+            timer.lap("aggregate")
             transport.broadcast(down)
+            timer.lap("broadcast")
             lr = lr_at(t, cfg, session.steps_per_epoch)
             for worker in session.workers:
                 worker.update(down, lr)
+            timer.lap("update")
+            timer.steps += 1
             if bar is not None:
                 bar.update(1)
+        _record_timing(session)
         if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
             _record_final_params(session)
     finally:
@@ -264,6 +277,22 @@ def run(session: Session, progress: bool = False) -> dict | None:
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
+
+
+def _record_timing(session: Session) -> None:
+    """timing/worker_<phase> (seconds per step of each worker's process, gathered) and
+    timing/server_<phase> (the server's process) into the metrics file. On the in-process backend one
+    process runs everything, so each worker's row is that process's time divided by n."""
+    own = session.timer.per_step()
+    local = len(session.workers)
+    rows = (own / local).repeat(local, 1) if local else torch.zeros(0, len(PHASES), dtype=torch.float64)
+    gathered = session.transport.gather_stats(rows)
+    server = session.server
+    if server is None or server.writer is None:
+        return
+    for j, phase in enumerate(PHASES):
+        server.writer.write_array(f"timing/worker_{phase}", gathered[:, j].numpy())
+        server.writer.write_array(f"timing/server_{phase}", own[j:j + 1].numpy())
 
 
 def _record_final_params(session: Session) -> None:

@@ -147,6 +147,9 @@ class MPITransport:
             return t.numpy()
         torch.cuda.current_stream(t.device).synchronize()  # kernels that wrote t must finish before MPI reads
         return t  # __cuda_array_interface__; needs a CUDA-aware MPI
+        # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
+        # (the server's n frames), and the Bcast buffer (once per rank).
+        self.frame_nbytes = {"gather": 0, "broadcast": 0}
 
     @classmethod
     def from_world(cls) -> "MPITransport":
@@ -181,9 +184,12 @@ class MPITransport:
 
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None:
         """up: (n_local, nbytes) on this rank's frame device; the server passes a (0, nbytes) tensor."""
-        return self._gather(up, self.path == "staged")
+        frames = self._gather(up, self.path == "staged")
+        self.frame_nbytes["gather"] += (frames.numel() if self.is_server else up[0].numel())  # uint8 bytes
+        return frames
 
     def broadcast(self, down: torch.Tensor) -> None:
+        self.frame_nbytes["broadcast"] += down.numel()
         if self.path == "direct":
             self.comm.Bcast(self._mpi_buffer(down), root=0)
             return
@@ -193,6 +199,11 @@ class MPITransport:
         self.comm.Bcast(host.numpy(), root=0)
         if not self.is_server:
             down.copy_(host)  # blocking: host is reused by the next MPI call
+
+    def allreduce_sum_(self, buf: torch.Tensor) -> None:
+        """In place: buf = the sum of buf over every rank (bench/end_to_end.py's fp32 Allreduce baseline;
+        the server passes zeros). The summation order is MPI's, so it is not bit-reproducible in-process."""
+        self.comm.Allreduce(self._mpi.IN_PLACE, self._mpi_buffer(buf), op=self._mpi.SUM)
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self._gather(rows.cpu(), False)

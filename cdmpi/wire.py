@@ -19,11 +19,44 @@ if sys.byteorder != "little":  # the fp32 views below would silently change the 
 # one multiply packs eight coordinates. Written as the int64 with the same bits as 0x8040201008040201.
 _PACK_MAGIC = 0x8040201008040201 - (1 << 64)
 
-_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_SIGN_TABLES: dict[tuple, torch.Tensor] = {}
+
+# Long vectors are packed and unpacked CHUNK coordinates at a time, so that the temporaries of one
+# chunk (bools, int64 words, decoded values) stay in cache: memory sees one read of x, not five passes.
+CHUNK = 1 << 16
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(name: str, dtype: torch.dtype, device, size: int = CHUNK) -> torch.Tensor:
+    """A reusable buffer of at least `size` elements (one per name, dtype and device; single-threaded).
+    Pass device as tensor.device: it is the cache key as given."""
+    key = (name, dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _SCRATCH[key] = torch.empty(max(size, CHUNK), dtype=dtype, device=device)
+    return buf
+
+
+def chunks(d: int):
+    """(lo, hi) coordinate ranges of CHUNK (a multiple of 8, so byte ranges are lo // 8 .. ceil(hi / 8))."""
+    return ((lo, min(d, lo + CHUNK)) for lo in range(0, d, CHUNK))
 
 
 def sign_nbytes(d: int) -> int:
     return (d + 7) // 8
+
+
+def pack_signs_chunk(x: torch.Tensor, out: torch.Tensor) -> None:
+    """pack_signs for at most CHUNK coordinates, through cached scratch buffers."""
+    d = x.numel()
+    nbytes = sign_nbytes(d)
+    bits = scratch("bits", torch.bool, x.device)[:nbytes * 8]
+    if d % 8:
+        bits[d:].zero_()  # padding bits are zero
+    torch.ge(x, 0, out=bits[:d])
+    words = scratch("words", torch.int64, x.device, CHUNK // 8)[:nbytes]
+    torch.mul(bits.view(torch.int64), _PACK_MAGIC, out=words)
+    out.copy_(words.view(torch.uint8)[7::8])  # the top byte of each little-endian int64 holds the 8 bits
 
 
 def pack_signs(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -32,19 +65,13 @@ def pack_signs(x: torch.Tensor, out: torch.Tensor) -> None:
     nbytes = sign_nbytes(d)
     if out.numel() != nbytes or out.dtype != torch.uint8:
         raise ValueError(f"pack_signs: out must be {nbytes} uint8, got {out.numel()} {out.dtype}")
-    if d % 8 == 0:
-        bits = torch.ge(x, 0)
-    else:
-        bits = torch.zeros(nbytes * 8, dtype=torch.bool, device=x.device)
-        torch.ge(x, 0, out=bits[:d])
-    words = bits.view(torch.uint8).view(nbytes, 8).view(torch.int64).view(nbytes)
-    packed = torch.bitwise_right_shift(words * _PACK_MAGIC, 56)
-    out.copy_(packed)  # int64 -> uint8 keeps the low byte, which holds the eight bits
+    for lo, hi in chunks(d):
+        pack_signs_chunk(x[lo:hi], out[lo // 8:(hi + 7) // 8])
 
 
 def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(256, 8) table: row b holds the eight +-1 values that byte b encodes."""
-    key = (dtype, torch.device(device))
+    key = (dtype, device)
     table = _SIGN_TABLES.get(key)
     if table is None:
         byte = torch.arange(256).unsqueeze(1)
@@ -58,6 +85,24 @@ def unpack_signs(packed: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tens
     """The +-1 vector of length d that pack_signs encoded into packed."""
     table = sign_table(dtype, packed.device)
     return table.index_select(0, packed.to(torch.int32)).view(-1)[:d]
+
+
+def lookup_chunk(table: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n values table encodes in the bytes `packed` (a chunk), in a scratch buffer."""
+    nbytes = packed.numel()
+    index = scratch("index", torch.int64, packed.device, CHUNK // 8)[:nbytes]
+    index.copy_(packed)
+    values = scratch("values", table.dtype, packed.device)[:nbytes * 8]
+    torch.index_select(table, 0, index, out=values.view(nbytes, 8))
+    return values[:n]
+
+
+def add_scaled_signs_(packed: torch.Tensor, scale: torch.Tensor, acc: torch.Tensor) -> None:
+    """acc += scale * signs(packed), chunk by chunk (scale * +-1 is exact, so this is acc +- scale)."""
+    table = sign_table(acc.dtype, acc.device)
+    scale = scale.to(acc.dtype)
+    for lo, hi in chunks(acc.numel()):
+        acc[lo:hi].addcmul_(lookup_chunk(table, packed[lo // 8:(hi + 7) // 8], hi - lo), scale)
 
 
 def _read(frame: torch.Tensor, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ..config import Config
 from ..errors import CdmpiError
 from .classifier import ImageShard
 from .logreg import LogRegShard
+from .quadratic import QuadraticShard
 
 
 @dataclass
@@ -75,7 +76,16 @@ def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> B
                  share_layout="norms", steps_per_epoch=smallest // cfg.data.batch_size)
 
 
-PROBLEMS = {"logreg": _logreg, "classifier": _classifier}
+def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
+    d = cfg.problem.dim
+    if d <= 0:
+        raise CdmpiError(f"problem quadratic needs problem.dim > 0, got {d}")
+    shards = {i: QuadraticShard(d, i, n_workers, cfg.run.seed, dtype, device) for i in worker_indices}
+    x0 = torch.zeros(d, dtype=dtype, device=device)
+    return Built(d, x0, shards, f"quadratic 0.5 ||x - c_i||^2, d = {d}")
+
+
+PROBLEMS = {"logreg": _logreg, "classifier": _classifier, "quadratic": _quadratic}
 
 
 def build(cfg: Config, n_workers: int, worker_indices, dtype, device="cpu") -> Built:

@@ -1,0 +1,139 @@
+"""Benchmark 4: end-to-end steps under mpiexec (rank 0 the server, ranks 1..n the workers) on the cheap
+quadratic problem, with a time breakdown per step: cdadam (scaled sign both ways, Gather + Bcast of packed
+frames), uncompressed amsgrad (Gather + Bcast of fp32 frames), and amsgrad with an fp32 Allreduce.
+
+    mpiexec -n 5 python bench/end_to_end.py [--dims 1000000 11173962] [--steps 8] [--out-dir runs/bench]
+
+Also checks that the bytes handed to MPI per step equal the frame-size formula, and leaves one HDF5
+file per run (with timing/) for `cdmpi project`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+
+from common import ms, publish, table
+
+from cdmpi import config, metrics, train
+from cdmpi.algorithms import AmsgradState
+from cdmpi.problems.quadratic import QuadraticShard
+from cdmpi.timing import PhaseTimer
+from cdmpi.transport import MPITransport
+
+
+def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, out: Path) -> None:
+    cfg = config.from_dict({
+        "run": {"steps": steps, "dtype": "float32", "log_every": steps, "seed": 0},
+        "problem": {"name": "quadratic", "dim": d},
+        "optim": {"algorithm": algorithm, "lr": 1e-3},
+        "compress": {"name": compressor},
+    })
+    session = train.setup(cfg, transport, out=out, overwrite=True)
+    transport.frame_nbytes.update(gather=0, broadcast=0)
+    train.run(session)
+    counted = transport.gather_stats(torch.tensor([[float(transport.frame_nbytes["gather"]),
+                                                    float(transport.frame_nbytes["broadcast"])]],
+                                                  dtype=torch.float64)[: len(session.workers)])
+    if transport.is_server:
+        up, down = session.frame_nbytes()
+        n = transport.n_workers
+        measured = (transport.frame_nbytes["gather"] / steps, counted[:, 1].sum().item() / steps)
+        worker_sent = counted[:, 0].sum().item() / steps
+        formula = (n * up, n * down)
+        assert measured == formula and worker_sent == formula[0], (measured, worker_sent, formula)
+        return measured
+    return None
+
+
+def run_allreduce(transport, d: int, steps: int):
+    """Uncompressed AMSGrad with an fp32 Allreduce of the gradients: each worker steps on the mean."""
+    torch.manual_seed(0)
+    n = transport.n_workers
+    timer = PhaseTimer()
+    grad_sum = torch.zeros(d, dtype=torch.float32)
+    if transport.is_server:  # contributes zeros to the same collective
+        for _ in range(steps):
+            grad_sum.zero_()
+            transport.allreduce_sum_(grad_sum)
+        return transport.gather_stats(torch.zeros(0, 7, dtype=torch.float64))
+    shard = QuadraticShard(d, transport.rank - 1, n, 0, torch.float32, "cpu")
+    params = torch.zeros(d, dtype=torch.float32)
+    state = AmsgradState(d, torch.float32, "cpu", config.OptimConfig())
+    timer.start()
+    for _ in range(steps):
+        grad, _ = shard.evaluate(params)
+        grad_sum.copy_(grad)
+        timer.lap("compute")
+        transport.allreduce_sum_(grad_sum)
+        timer.lap("gather")
+        state.step(params, grad_sum.div_(n), 1e-3)
+        timer.lap("update")
+        timer.steps += 1
+    transport.gather_stats(timer.per_step().reshape(1, -1))
+    return None
+
+
+def breakdown(timing: dict) -> dict:
+    """Seconds per step: worker means of compute, encode, update; server aggregate; communicate = the
+    workers' gather + broadcast wall time less the server's aggregate (which they wait for inside Bcast)."""
+    w = {p: statistics.fmean(timing[f"worker_{p}"]) for p in ("compute", "encode", "gather", "broadcast", "update")}
+    aggregate = float(timing["server_aggregate"][0])
+    return {"compute": w["compute"], "encode": w["encode"], "communicate": w["gather"] + w["broadcast"] - aggregate,
+            "decode+aggregate": aggregate, "update": w["update"],
+            "optimizer+communication": w["encode"] + w["gather"] + w["broadcast"] + w["update"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1_000_000, 11_173_962])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out-dir", default="runs/bench")
+    args = parser.parse_args()
+    transport = MPITransport.from_world()
+    out_dir = Path(args.out_dir)
+    if transport.is_server:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    transport.agree(None)
+    rows = []
+    for d in args.dims:
+        results = {}
+        for algorithm, compressor in (("cdadam", "scaled_sign"), ("amsgrad", "identity")):
+            path = out_dir / f"e2e-{algorithm}-d{d}.h5"
+            nbytes = run_cdmpi(transport, algorithm, compressor, d, args.steps, path)
+            if transport.is_server:
+                results[algorithm] = (breakdown(metrics.read(path)["timing"]), nbytes)
+        gathered = run_allreduce(transport, d, args.steps)
+        if transport.is_server:
+            from cdmpi.timing import PHASES
+
+            mean = gathered.mean(dim=0)
+            t = dict(zip(PHASES, mean.tolist()))
+            results["amsgrad (Allreduce)"] = ({"compute": t["compute"], "encode": 0.0, "communicate": t["gather"],
+                                              "decode+aggregate": 0.0, "update": t["update"],
+                                              "optimizer+communication": t["gather"] + t["update"]},
+                                             (4 * d, 4 * d))
+            base = results["amsgrad (Allreduce)"][0]["optimizer+communication"]
+            for name, (b, (up, down)) in results.items():
+                rows.append([f"{d:,}", name, ms(b["compute"]), ms(b["encode"]), ms(b["communicate"]),
+                             ms(b["decode+aggregate"]), ms(b["update"]), ms(b["optimizer+communication"]),
+                             f"{b['optimizer+communication'] / base:.2f}", f"{up:,.0f} / {down:,.0f}"])
+    if transport.is_server:
+        text = table(["d", "algorithm", "compute ms", "encode ms", "communicate ms", "decode+aggregate ms",
+                      "update ms", "optimizer+communication ms", "vs Allreduce", "bytes per step up / down"], rows)
+        publish("4_end_to_end", f"4. End-to-end steps under mpiexec, {transport.n_workers} workers", text,
+                "Times are per step, means over the workers (server: rank 0's aggregate, which includes the "
+                "re-compression of the download frame). optimizer+communication = a worker's encode + Gather + "
+                "Bcast + update wall time, so it includes the server's work the worker waits for. Bytes per "
+                "step are counted from the numpy buffers handed to MPI (Gather: all n frames at the server; "
+                "Bcast: each worker's copy) and checked equal to n * frame_nbytes; for the Allreduce they are "
+                "each worker's fp32 buffer (4 d), MPI's internal traffic is not visible. "
+                "Every rank is one process with one torch thread; the ranks share the machine's cores.",
+                launcher=f"mpiexec -n {transport.world_size} ")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Benchmark 2: the server's decode and aggregate of n scaled-sign frames (g_hat += (1/n) sum_i C_i,
+MarkovMean.receive_all) against n clones of one vector, interleaved in one process.
+
+    python bench/server_aggregate.py [--reps 15] [--workers 4 20] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import SIZES, interleaved, ms, publish, table
+
+from cdmpi.compress import ScaledSign
+from cdmpi.markov import MarkovMean, MarkovSequence
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 20])
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for n in args.workers:
+        for label, d in SIZES.items():
+            compressor = ScaledSign(d)
+            frames = torch.zeros(n, compressor.frame_nbytes, dtype=torch.uint8)
+            for i in range(n):  # real frames: C(g_i) of random gradients
+                compressor.encode(torch.randn(d, dtype=dtype), frames[i])
+            mean = MarkovMean(compressor, n, dtype, "cpu", seed=0)
+            down = MarkovSequence(compressor, dtype, "cpu", seed=0, stream=0)
+            down_frame = compressor.new_frame()
+            x = torch.randn(d, dtype=dtype)
+            copy = torch.empty_like(x)
+
+            def clones():
+                for _ in range(n):
+                    x.clone()
+
+            def copies():
+                for _ in range(n):
+                    copy.copy_(x)
+
+            t = interleaved({"clone": clones, "copy_": copies, "aggregate": lambda: mean.receive_all(frames),
+                             "recompress": lambda: down.push(mean.value, down_frame)}, args.reps)
+            rows.append([n, label, ms(t["clone"]), ms(t["copy_"]), ms(t["aggregate"]),
+                         f"{t['aggregate'] / t['clone']:.2f}", f"{t['aggregate'] / t['copy_']:.2f}",
+                         ms(t["recompress"])])
+    text = table(["n", "d", "n clones ms", "n copy_ ms", "decode+aggregate ms", "aggregate / clones",
+                  "aggregate / copy_", "server re-compress (Markov push) ms"], rows)
+    publish(f"2_server_aggregate_{args.dtype}", f"2. Server decode and aggregate of n frames ({args.dtype})", text,
+            "decode+aggregate = MarkovMean.receive_all: for each chunk of wire.CHUNK coordinates, each frame's "
+            "bytes index the 256 x 8 table of +-1 and are added times scale_i in worker order; no dense "
+            "vector per frame is made. Target <= 1.0x one clone per frame. The last column is the rest of the "
+            "server's step (C(g_hat - g_tilde) and g_tilde's update), for scale.")
+
+
+if __name__ == "__main__":
+    main()

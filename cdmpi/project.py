@@ -1,0 +1,88 @@
+"""Projected step time on other networks, from a run's measured phase times and bytes.
+
+Model (star topology, as cdmpi runs it: the server on rank 0, every rank on its own link of bandwidth B
+and one-way latency L). Rank 0's link carries every frame, so it is the bottleneck:
+
+    step = compute + encode + (L + up_bytes / B) + aggregate + (L + down_bytes / B) + update
+
+with compute, encode and update the workers' mean measured seconds per step, aggregate the server's,
+up_bytes the n upload frames and down_bytes the n copies of the download frame per step (the bits the
+run counted from the buffers it handed to the transport). The measured communication time is dropped:
+the link is what is projected. In the table, link_bytes is the bytes per step through the busiest link
+and optimizer ms is encode + aggregate + update (update alone for the Allreduce). For comparison, uncompressed AMSGrad with a ring Allreduce of the fp32
+gradient over the n workers, with the same compute and update times:
+
+    step = compute + 2 (n - 1) L + 2 (n - 1) / n * 4 d / B + update
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis, metrics
+from .errors import CdmpiError
+
+
+def parse_list(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CdmpiError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise CdmpiError(f"{what} must be positive numbers, got {text!r}")
+    return values
+
+
+def measured(path: str | Path) -> dict:
+    """Seconds per step of each phase and bytes per step of a metrics file with timing/."""
+    run = metrics.read(path)
+    timing = run.get("timing")
+    if not timing:
+        raise CdmpiError(f"{path} has no timing/ group (written by cdmpi train since Step 6)")
+    train, attrs = run["train"], run["attrs"]
+    steps = int(train["step"][-1])
+    if steps <= 0:
+        raise CdmpiError(f"{path} recorded no optimizer steps")
+    return {"path": str(path), "algorithm": attrs["algorithm"], "compressor": attrs["compressor"],
+            "n_workers": int(attrs["n_workers"]), "dim": int(attrs["dim"]), "backend": attrs["backend"],
+            "compute": float(np.mean(timing["worker_compute"])), "encode": float(np.mean(timing["worker_encode"])),
+            "aggregate": float(timing["server_aggregate"][0]), "update": float(np.mean(timing["worker_update"])),
+            "communicate": float(np.mean(timing["worker_gather"]) + np.mean(timing["worker_broadcast"])
+                                 - timing["server_aggregate"][0]),
+            "up_bytes": float(train["bits_up"][-1]) / 8 / steps, "down_bytes": float(train["bits_down"][-1]) / 8 / steps}
+
+
+def star_step(m: dict, gbit_per_s: float, latency: float) -> float:
+    bytes_per_s = gbit_per_s * 1e9 / 8
+    return (m["compute"] + m["encode"] + m["aggregate"] + m["update"] + 2 * latency
+            + (m["up_bytes"] + m["down_bytes"]) / bytes_per_s)
+
+
+def ring_allreduce_step(m: dict, gbit_per_s: float, latency: float) -> float:
+    n, bytes_per_s = m["n_workers"], gbit_per_s * 1e9 / 8
+    return m["compute"] + m["update"] + 2 * (n - 1) * latency + 2 * (n - 1) / n * 4 * m["dim"] / bytes_per_s
+
+
+def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
+    """Two rows per file: the star model of the measured run, and the ring-Allreduce comparison."""
+    out = []
+    for path in paths:
+        m = measured(path)
+        ring_bytes = 2 * (m["n_workers"] - 1) / m["n_workers"] * 4 * m["dim"]
+        out.append({**m, "run": f"{Path(path).name}", "model": "star (as measured)",
+                    "link_bytes": m["up_bytes"] + m["down_bytes"], "compute ms": 1e3 * m["compute"],
+                    "optimizer ms": 1e3 * (m["encode"] + m["aggregate"] + m["update"]),
+                    **{f"{b:g} Gbit/s ms": 1e3 * star_step(m, b, latency) for b in bandwidths}})
+        out.append({**m, "run": f"{Path(path).name}", "model": "fp32 ring Allreduce", "link_bytes": ring_bytes,
+                    "compute ms": 1e3 * m["compute"], "optimizer ms": 1e3 * m["update"],
+                    **{f"{b:g} Gbit/s ms": 1e3 * ring_allreduce_step(m, b, latency) for b in bandwidths}})
+    return out
+
+
+def format_table(table_rows: list[dict], bandwidths: list[float]) -> str:
+    columns = [("run", "{}"), ("algorithm", "{}"), ("model", "{}"), ("n_workers", "{}"), ("dim", "{}"),
+               ("link_bytes", "{:,.0f}"), ("compute ms", "{:.3f}"), ("optimizer ms", "{:.3f}")] + \
+              [(f"{b:g} Gbit/s ms", "{:.3f}") for b in bandwidths]
+    return analysis.format_table(table_rows, columns)

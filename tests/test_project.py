@@ -1,0 +1,63 @@
+"""The quadratic benchmark problem under mpiexec (bytes per step, timing, bit-identity with the
+in-process backend), and `cdmpi project` against the model written out here."""
+
+import json
+
+import h5py
+import numpy as np
+
+from conftest import run_cdmpi
+
+D, N, STEPS = 1001, 2, 6
+
+QUADRATIC = f"""
+[run]
+steps = {STEPS}
+workers = {N}
+dtype = "float32"
+log_every = 3
+
+[problem]
+name = "quadratic"
+dim = {D}
+
+[optim]
+algorithm = "cdadam"
+lr = 0.01
+
+[compress]
+name = "scaled_sign"
+"""
+
+
+def test_quadratic_mpi_bytes_timing_and_projection(tmp_path):
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(QUADRATIC)
+    mpi, local = tmp_path / "mpi.h5", tmp_path / "local.h5"
+    result = run_cdmpi(["train", cfg, "--backend", "mpi", "--out", mpi, "--quiet"], ranks=N + 1, timeout=120)
+    assert result.returncode == 0, result.stderr
+    result = run_cdmpi(["train", cfg, "--backend", "local", "--out", local, "--quiet"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(mpi) as fh, h5py.File(local) as fl:
+        np.testing.assert_array_equal(fh["final/params"][()], fl["final/params"][()])
+        frame = 4 + (D + 7) // 8
+        assert fh["train/bits_up"][-1] == 8 * N * frame * STEPS
+        assert fh["train/bits_down"][-1] == 8 * N * frame * STEPS
+        t = {k: fh["timing"][k][()] for k in fh["timing"]}
+        assert t["worker_compute"].shape == (N,) and t["server_aggregate"].shape == (1,)
+        assert all(np.all(v >= 0) for v in t.values())
+
+    result = run_cdmpi(["project", mpi, "--bandwidth", "1,100", "--latency", "1e-5", "--json"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    star, ring = json.loads(result.stdout)
+    per_step = 2 * N * frame  # up and down through rank 0's link
+    fixed = t["worker_compute"].mean() + t["worker_encode"].mean() + t["server_aggregate"][0] + t["worker_update"].mean()
+    for gbit in (1, 100):
+        expected = fixed + 2e-5 + per_step * 8 / (gbit * 1e9)
+        np.testing.assert_allclose(star[f"{gbit} Gbit/s ms"], 1e3 * expected, rtol=1e-9)
+        expected_ring = (t["worker_compute"].mean() + t["worker_update"].mean() + 2 * (N - 1) * 1e-5
+                         + 2 * (N - 1) / N * 4 * D * 8 / (gbit * 1e9))
+        np.testing.assert_allclose(ring[f"{gbit} Gbit/s ms"], 1e3 * expected_ring, rtol=1e-9)
+
+    bad = run_cdmpi(["project", mpi, "--bandwidth", "ten"], timeout=60)
+    assert bad.returncode == 2 and "--bandwidth" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
