@@ -110,6 +110,9 @@ class MPITransport:
         self._recv: dict[tuple, torch.Tensor] = {}
         self._check_table = torch.zeros(self.world_size, 2, dtype=torch.int64)
         self._host: dict[tuple, torch.Tensor] = {}
+        # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
+        # (the server's n frames), and the Bcast buffer (once per rank).
+        self.frame_nbytes = {"gather": 0, "broadcast": 0}
 
     def cuda_support(self) -> bool:
         """The MPI library's own answer (MPIX_Query_cuda_support, in Open MPI and MPICH); False if absent."""
@@ -147,9 +150,6 @@ class MPITransport:
             return t.numpy()
         torch.cuda.current_stream(t.device).synchronize()  # kernels that wrote t must finish before MPI reads
         return t  # __cuda_array_interface__; needs a CUDA-aware MPI
-        # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
-        # (the server's n frames), and the Bcast buffer (once per rank).
-        self.frame_nbytes = {"gather": 0, "broadcast": 0}
 
     @classmethod
     def from_world(cls) -> "MPITransport":
