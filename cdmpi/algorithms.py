@@ -215,23 +215,8 @@ def frozen_adam_(params, exp_avg, exp_avg_sq, *, lr, eps) -> None:
     params.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr)
 
 
-class OnebitAdamWorker:
-    """1-bit Adam (Tang et al. 2021) as DeepSpeed's OnebitAdam runs it. For the first W = warmup_steps
-    steps: uncompressed Adam on the averaged gradient (fp32 frames both ways). Afterwards v is frozen; the
-    worker sends its local momentum m_i = beta1 m + (1 - beta1) g_i through error feedback, the server
-    sends the error-fed compressed mean, and every worker takes that as m."""
-
-    def __init__(self, s: Setting, worker_index: int, device="cpu"):
-        self.optim = s.optim
-        self.compressed = s.up
-        self.full = Identity(s.d)
-        self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1)
-        self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
-        self.full_reader = FrameReader(self.full, s.dtype, s.seed, stream=0)
-        self.down_compressed = s.down
-        self.exp_avg = torch.zeros(s.d, dtype=s.dtype, device=device)
-        self.exp_avg_sq = torch.zeros(s.d, dtype=s.dtype, device=device)
-        self.step = 0
+class _OnebitWarmup:
+    """Frame sizes of 1-bit Adam: fp32 (identity) frames during the warm-up, compressed ones after it."""
 
     @property
     def warm(self) -> bool:
@@ -239,11 +224,30 @@ class OnebitAdamWorker:
 
     @property
     def up_nbytes(self) -> int:
-        return (self.full if self.warm else self.compressed).frame_nbytes
+        return (self.full if self.warm else self.up).frame_nbytes
 
     @property
     def down_nbytes(self) -> int:
-        return (self.full if self.warm else self.down_compressed).frame_nbytes
+        return (self.full if self.warm else self.down).frame_nbytes
+
+
+class OnebitAdamWorker(_OnebitWarmup):
+    """1-bit Adam (Tang et al. 2021) as DeepSpeed's OnebitAdam runs it. For the first W = warmup_steps
+    steps: uncompressed Adam on the averaged gradient (fp32 frames both ways). Afterwards v is frozen; the
+    worker sends its local momentum m_i = beta1 m + (1 - beta1) g_i through error feedback, the server
+    sends the error-fed compressed mean, and every worker takes that as m."""
+
+    def __init__(self, s: Setting, worker_index: int, device="cpu"):
+        self.optim = s.optim
+        self.up = s.up
+        self.full = Identity(s.d)
+        self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1)
+        self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
+        self.full_reader = FrameReader(self.full, s.dtype, s.seed, stream=0)
+        self.down = s.down
+        self.exp_avg = torch.zeros(s.d, dtype=s.dtype, device=device)
+        self.exp_avg_sq = torch.zeros(s.d, dtype=s.dtype, device=device)
+        self.step = 0
 
     def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
         if self.warm:
@@ -277,7 +281,7 @@ class OnebitAdamWorker:
         self.full_reader.load_state_dict(state["full_reader"])
 
 
-class OnebitAdamServer:
+class OnebitAdamServer(_OnebitWarmup):
     """Averages fp32 gradients during the warm-up, then error-fed compressed momenta."""
 
     def __init__(self, s: Setting, device="cpu"):
@@ -289,18 +293,6 @@ class OnebitAdamServer:
         self.seed = s.seed
         self.sender = ErrorFeedback(s.down, s.dtype, device, s.seed, 0)
         self.step = 0
-
-    @property
-    def warm(self) -> bool:
-        return self.step < self.optim.warmup_steps
-
-    @property
-    def up_nbytes(self) -> int:
-        return (self.full if self.warm else self.up).frame_nbytes
-
-    @property
-    def down_nbytes(self) -> int:
-        return (self.full if self.warm else self.down).frame_nbytes
 
     def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
         if self.warm:
