@@ -7,6 +7,7 @@ every case alike instead of skewing one of them.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import shlex
 import statistics
@@ -18,6 +19,18 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "bench"
 SIZES = {"1e5": 100_000, "1e6": 1_000_000, "11.2M": 11_173_962}  # 11.2M: ResNet-18's parameter count
+
+
+def micro_args(doc: str, reps: int, add=None) -> tuple[argparse.Namespace, torch.dtype]:
+    """--reps and --dtype of the single-process benchmarks (plus any `add(parser)` adds); one torch thread."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    if add is not None:
+        add(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args, getattr(torch, args.dtype)
 
 
 def interleaved(cases: dict, reps: int, warmup: int = 2) -> dict[str, float]:

@@ -6,22 +6,15 @@ torch.clone of the same vector, in the same process, interleaved.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from common import SIZES, interleaved, ms, publish, table
+from common import micro_args, SIZES, interleaved, ms, publish, table
 
 from cdmpi.compress import ScaledSign
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = micro_args(__doc__, 30)
     rows = []
     for label, d in SIZES.items():
         x = torch.randn(d, dtype=dtype)

@@ -6,24 +6,16 @@ MarkovMean.receive_all) against n clones of one vector, interleaved in one proce
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from common import SIZES, interleaved, ms, publish, table
+from common import micro_args, SIZES, interleaved, ms, publish, table
 
 from cdmpi.compress import ScaledSign
 from cdmpi.markov import MarkovMean, MarkovSequence
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--workers", type=int, nargs="+", default=[4, 20])
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = micro_args(__doc__, 15, add=lambda p: p.add_argument("--workers", type=int, nargs="+", default=[4, 20]))
     rows = []
     for n in args.workers:
         for label, d in SIZES.items():

@@ -7,11 +7,9 @@ on the same d, interleaved in one process.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from common import SIZES, interleaved, ms, publish, table
+from common import micro_args, SIZES, interleaved, ms, publish, table
 
 from cdmpi.algorithms import CDAdamWorker, Setting
 from cdmpi.compress import ScaledSign
@@ -19,12 +17,7 @@ from cdmpi.config import OptimConfig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = micro_args(__doc__, 15)
     rows = []
     for label, d in SIZES.items():
         compressor = ScaledSign(d)
