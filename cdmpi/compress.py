@@ -207,6 +207,128 @@ def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0) -> Compressor:
     return cls(d)
 
 
+# ---- the sharded server's compressor: one compressor per slice ------------------------------------------
+
+def slice_bounds(d: int, n_slices: int) -> list[int]:
+    """Coordinates bounds[s] .. bounds[s + 1] form slice s; slice sizes differ by at most one."""
+    if not 1 <= n_slices <= d:
+        raise CdmpiError(f"cannot cut d = {d} coordinates into {n_slices} non-empty slices")
+    return [s * d // n_slices for s in range(n_slices + 1)]
+
+
+def slice_key(key: int, index: int) -> int:
+    """The key of slice `index` of a frame with key `key` (random-k: each slice draws its own indices)."""
+    return stream_key(key, index, 0)
+
+
+class Sliced(Compressor):
+    """C applied to each slice of x on its own: C_S(x) = (C(x_1), ..., C(x_S)).
+
+    This is the sharded server's compressor: slice s is served by one rank, which sees only that slice's
+    frame. For scaled sign every slice carries its own fp32 scale ||x_s||_1 / d_s (S scales instead of one);
+    for top-k every slice keeps its share k_s of the k coordinates. Still a contraction: pi = min_s pi_s.
+    The frame is the slices' frames one after the other, so slice s is bytes offsets[s] .. offsets[s + 1].
+    """
+
+    def __init__(self, parts: list[Compressor], bounds: list[int]):
+        super().__init__(bounds[-1])
+        self.parts = parts
+        self.bounds = bounds
+        self.name = parts[0].name
+        self.keyed = parts[0].keyed
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + part.frame_nbytes)
+
+    @classmethod
+    def make(cls, name: str, d: int, n_slices: int, *, ratio: float = 0.016, k: int = 0) -> "Sliced":
+        """`make(name, d_s, ...)` per slice; an explicit k is shared out in proportion to slice size."""
+        bounds = slice_bounds(d, n_slices)
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        parts = [make(name, size, ratio=ratio, k=max(1, round(k * size / d)) if k > 0 else 0) for size in sizes]
+        return cls(parts, bounds)
+
+    @property
+    def frame_nbytes(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def slice_nbytes(self) -> list[int]:
+        return [part.frame_nbytes for part in self.parts]
+
+    def contraction(self) -> float:
+        return min(part.contraction() for part in self.parts)
+
+    def _slices(self, key: int | None = None):
+        """(slice index, its compressor, coordinate slice, byte slice, its key) for every slice."""
+        for s, part in enumerate(self.parts):
+            yield (s, part, slice(self.bounds[s], self.bounds[s + 1]), slice(self.offsets[s], self.offsets[s + 1]),
+                   slice_key(key, s) if self.keyed and key is not None else 0)
+
+    def encode(self, x, frame, key=0):
+        for _, part, coords, nbytes, k in self._slices(key):
+            part.encode(x[coords], frame[nbytes], k)
+
+    def decode(self, frame, dtype, key=0):
+        out = torch.empty(self.d, dtype=dtype, device=frame.device)
+        for _, part, coords, nbytes, k in self._slices(key):
+            out[coords] = part.decode(frame[nbytes], dtype, k)
+        return out
+
+    def decode_add_(self, frame, acc, key=0):
+        for _, part, coords, nbytes, k in self._slices(key):
+            part.decode_add_(frame[nbytes], acc[coords], k)
+
+    def add_sum_(self, frames, acc, keys, alpha=1.0):
+        keys = list(keys)
+        for s, part, coords, nbytes, _ in self._slices():
+            part.add_sum_(frames[:, nbytes], acc[coords], [slice_key(k, s) if self.keyed else 0 for k in keys], alpha)
+
+    def encode_delta_(self, target, state, frame, key=0):
+        for _, part, coords, nbytes, k in self._slices(key):
+            part.encode_delta_(target[coords], state[coords], frame[nbytes], k)
+
+    def slice_of(self, index: int) -> "SliceOf":
+        return SliceOf(self, index)
+
+
+class SliceOf(Compressor):
+    """Slice `index` of a Sliced compressor, as the rank serving that slice sees it: frames of the slice
+    only, keyed by the whole frame's key, so both ends derive the same per-slice key."""
+
+    def __init__(self, sliced: Sliced, index: int):
+        self.part = sliced.parts[index]
+        super().__init__(self.part.d)
+        self.index = index
+        self.name = self.part.name
+        self.keyed = self.part.keyed
+
+    @property
+    def frame_nbytes(self) -> int:
+        return self.part.frame_nbytes
+
+    def contraction(self) -> float:
+        return self.part.contraction()
+
+    def _key(self, key: int) -> int:
+        return slice_key(key, self.index) if self.keyed else 0
+
+    def encode(self, x, frame, key=0):
+        self.part.encode(x, frame, self._key(key))
+
+    def decode(self, frame, dtype, key=0):
+        return self.part.decode(frame, dtype, self._key(key))
+
+    def decode_add_(self, frame, acc, key=0):
+        self.part.decode_add_(frame, acc, self._key(key))
+
+    def add_sum_(self, frames, acc, keys, alpha=1.0):
+        self.part.add_sum_(frames, acc, [self._key(k) for k in keys], alpha)
+
+    def encode_delta_(self, target, state, frame, key=0):
+        self.part.encode_delta_(target, state, frame, self._key(key))
+
+
 def stream_key(seed: int, stream: int, step: int) -> int:
     """The shared seed of one frame (random-k): a stream is 0 for the server, i + 1 for worker i."""
     return int(np.random.SeedSequence([seed, stream, step]).generate_state(1, np.uint64)[0] >> 1)
