@@ -8,8 +8,10 @@ import torch
 
 # compute: local gradients (and metric shares on log steps); encode: upload frames; gather: the frames to
 # the server; aggregate: the server's decode, aggregate and re-compress; broadcast: its frame to the
-# workers; update: decode and optimizer step on the workers; metrics: gathering and writing metric rows.
-PHASES = ("compute", "encode", "gather", "aggregate", "broadcast", "update", "metrics")
+# workers; update: decode and optimizer step on the workers; metrics: gathering and writing metric rows;
+# checkpoint: the x-checksum agreement and checkpoint writing between steps.
+# In the sharded topology gather is the Alltoallv, aggregate each worker's slice and broadcast the Allgatherv.
+PHASES = ("compute", "encode", "gather", "aggregate", "broadcast", "update", "metrics", "checkpoint")
 
 
 class PhaseTimer:
