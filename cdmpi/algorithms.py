@@ -72,10 +72,21 @@ class Setting:
     optim: OptimConfig
     dtype: torch.dtype
     seed: int
+    full: Compressor | None = None  # fp32 frames (onebit-adam's warm-up); None: Identity(d)
+
+    def identity(self) -> Compressor:
+        return self.full if self.full is not None else Identity(self.d)
+
+
+def same_frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:
+    """(up, down) compressors of the frames of step `step`: the same every step for most algorithms."""
+    return s.up, s.down
 
 
 class MarkovWorker:
     """A worker with Markov sequences both ways (Algorithm 1 lines 5-6 and 12); `step_` uses g_tilde."""
+
+    frames = staticmethod(same_frames)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.g_hat = MarkovSequence(s.up, s.dtype, device, s.seed, stream=worker_index + 1)
@@ -154,6 +165,7 @@ class DirectAmsgradWorker:
     with the identity compressor and no memory this is uncompressed distributed AMSGrad (Section 3)."""
 
     error_feedback = False
+    frames = staticmethod(same_frames)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1, self.error_feedback)
@@ -218,6 +230,10 @@ def frozen_adam_(params, exp_avg, exp_avg_sq, *, lr, eps) -> None:
 class _OnebitWarmup:
     """Frame sizes of 1-bit Adam: fp32 (identity) frames during the warm-up, compressed ones after it."""
 
+    @staticmethod
+    def frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:
+        return (s.identity(), s.identity()) if step < s.optim.warmup_steps else (s.up, s.down)
+
     @property
     def warm(self) -> bool:
         return self.step < self.optim.warmup_steps
@@ -240,7 +256,7 @@ class OnebitAdamWorker(_OnebitWarmup):
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.optim = s.optim
         self.up = s.up
-        self.full = Identity(s.d)
+        self.full = s.identity()
         self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1)
         self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
         self.full_reader = FrameReader(self.full, s.dtype, s.seed, stream=0)
@@ -288,7 +304,7 @@ class OnebitAdamServer(_OnebitWarmup):
         self.optim = s.optim
         self.up = s.up
         self.down = s.down
-        self.full = Identity(s.d)
+        self.full = s.identity()
         self.dtype = s.dtype
         self.seed = s.seed
         self.sender = ErrorFeedback(s.down, s.dtype, device, s.seed, 0)

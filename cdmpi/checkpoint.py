@@ -7,6 +7,7 @@ One checkpoint is a directory ``step-<t>`` (t zero-padded to 9 digits) under the
                      files {name: {nbytes, sha256}}, cdmpi_version, created
     server.pt        the server's state: its g_hat and g_tilde, the bit counters, the wall time
     worker-0003.pt   worker 3's state: x, m, v, v_hat, its g_hat_i, its copy of g_tilde, its sampler
+    slice-0003.pt    sharded topology: the state of slice 3's server (its part of g_hat and g_tilde)
 
 The state is taken at the top of iteration t, before the gradient at x_t is computed, so a resumed run
 starts its loop at t and recomputes row t. Files hold dicts of tensors and numbers, written with
@@ -77,6 +78,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 def _roles(session) -> dict[str, tuple[str, object]]:
     """file name -> (role, runtime) for the workers and the server that live in this process."""
     roles = {f"worker-{w.index:04d}.pt": ("worker", w) for w in session.workers}
+    roles.update({f"slice-{s:04d}.pt": ("slice", server) for s, server in session.slice_servers.items()})
     if session.server is not None:
         roles["server.pt"] = ("server", session.server)
     return roles

@@ -80,6 +80,9 @@ class CommConfig:
     cuda_aware: str = "auto"  # auto | true | false: hand device buffers to MPI directly, or stage via host
     worker_device: str = "auto"  # auto: cuda:(local rank mod device count) when CUDA is there, else cpu
     server_device: str = "cpu"  # cpu | cuda | cuda:N: where rank 0 aggregates
+    # star: rank 0 aggregates every frame (Gather + Bcast, the paper's Algorithm 1). sharded: worker s serves
+    # slice s of the vector (Alltoallv + Allgatherv among the workers), one compressor scale per slice.
+    topology: str = "star"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if cfg.comm.topology not in ("star", "sharded"):
+        raise CdmpiError(f"config: comm.topology must be 'star' or 'sharded', got {cfg.comm.topology!r}")
     if cfg.optim.warmup_steps < 0:
         raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
     if not 0.0 < cfg.compress.ratio <= 1.0:

@@ -10,6 +10,9 @@ from .problems.classifier import TRAIN_SHARE
 
 
 class ServerRuntime:
+    """Rank 0's part of a run: the algorithm's server in the star topology (None in the sharded one, whose
+    slice servers live on the workers), the bit counters and the metrics file."""
+
     def __init__(self, algorithm_server, n_workers: int, writer=None, *, share_layout: str = "gradient",
                  steps_per_epoch: int = 0, device="cpu"):
         self.algorithm = algorithm_server
@@ -35,8 +38,12 @@ class ServerRuntime:
         if out is not down_frame:
             down_frame.copy_(out)
         # Counted from the buffers handed to the transport: n frames up, and each worker's copy down.
-        self.bits_up += 8 * up_frames.numel()
-        self.bits_down += 8 * down_frame.numel() * self.n_workers
+        self.count_bits(up_frames.numel(), down_frame.numel())
+
+    def count_bits(self, up_nbytes: int, down_nbytes: int) -> None:
+        """One step's traffic: up_nbytes from all workers together, a down frame of down_nbytes to each."""
+        self.bits_up += 8 * up_nbytes
+        self.bits_down += 8 * down_nbytes * self.n_workers
 
     def record(self, step: int, shares: torch.Tensor, evaluate: bool = False) -> dict:
         """shares: (n, width) float64, summed in worker order. Layout "gradient": worker i's share of
@@ -63,11 +70,13 @@ class ServerRuntime:
         return row
 
     def state_dict(self) -> dict:
-        return {"algorithm": self.algorithm.state_dict(), "bits_up": self.bits_up, "bits_down": self.bits_down,
+        # algorithm is None in the sharded topology: the slice servers' states are files of their own
+        return {"algorithm": self.algorithm.state_dict() if self.algorithm else {}, "bits_up": self.bits_up, "bits_down": self.bits_down,
                 "wall_time": time.perf_counter() - self.start_time}
 
     def load_state_dict(self, state: dict) -> None:
-        self.algorithm.load_state_dict(state["algorithm"])
+        if self.algorithm is not None:
+            self.algorithm.load_state_dict(state["algorithm"])
         self.bits_up = int(state["bits_up"])
         self.bits_down = int(state["bits_down"])
         self.start_time = time.perf_counter() - float(state["wall_time"])  # wall_time continues

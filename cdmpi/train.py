@@ -44,18 +44,25 @@ class Session:
     last_checkpoint: Path | None = None  # on the server
     attrs: dict = field(default_factory=dict)  # the metrics file's attributes
     timer: PhaseTimer = field(default_factory=PhaseTimer)  # this process's time per phase of a step
+    algorithm: algorithms.Algorithm | None = None
+    setting: algorithms.Setting | None = None  # the workers' setting (whole-vector compressors)
+    slice_servers: dict = field(default_factory=dict)  # sharded topology: slice index -> its server here
     # Frame buffers by size, made once and reused: an algorithm's frame size may change (onebit-adam).
     _up: dict = field(default_factory=dict)
     _down: dict = field(default_factory=dict)
 
-    def frame_nbytes(self) -> tuple[int, int]:
-        """(up, down) frame sizes of the coming step; every process's algorithm agrees on them."""
-        algorithm = self.workers[0].algorithm if self.workers else self.server.algorithm
-        return algorithm.up_nbytes, algorithm.down_nbytes
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.comm.topology == "sharded"
 
-    def frame_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_compressors(self, step: int) -> tuple[compress.Compressor, compress.Compressor]:
+        """The compressors of step `step`'s (up, down) frames; every process knows them, even where no
+        worker lives (rank 0 of the sharded topology counts bits from them)."""
+        return self.algorithm.worker.frames(self.setting, step)
+
+    def frame_buffers(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers on this process's frame device."""
-        up_nbytes, down_nbytes = self.frame_nbytes()
+        up_nbytes, down_nbytes = (c.frame_nbytes for c in self.frame_compressors(step))
         if up_nbytes not in self._up:
             self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8, device=self.device)
         if down_nbytes not in self._down:
@@ -79,21 +86,24 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
         if not built.steps_per_epoch:
             raise CdmpiError(f"run.epochs needs a problem with epochs (classifier); {cfg.problem.name!r} has none")
         cfg = replace(cfg, "run", steps=cfg.run.epochs * built.steps_per_epoch)
-    make = compress.make
     compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
-    up = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
-    down = make(compressor, built.d, ratio=cfg.compress.ratio, k=cfg.compress.k)
     algorithm = algorithms.get(cfg.optim.algorithm, compressor)
-    setting = algorithms.Setting(built.d, n, up, down, cfg.optim, dtype, cfg.run.seed)
+    sharded = cfg.comm.topology == "sharded"
+    setting = _setting(cfg, compressor, built.d, n, dtype)
     workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i, worker_device), built.x0,
                              batch_size=cfg.data.batch_size, seed=cfg.run.seed, device=worker_device)
                for i in transport.worker_indices]
+    slice_servers = {}
+    if sharded:  # worker s serves slice s, on the worker's device
+        slice_servers = {s: algorithm.server(_slice_setting(setting, s), worker_device)
+                         for s in transport.slices_served(n)}
     server = None
     if transport.is_server:
-        server = ServerRuntime(algorithm.server(setting, server_device), n, None,
+        server = ServerRuntime(None if sharded else algorithm.server(setting, server_device), n, None,
                                share_layout=built.share_layout, steps_per_epoch=built.steps_per_epoch,
                                device=server_device)
-    attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm,
+    up, down = setting.up, setting.down
+    attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm, "topology": cfg.comm.topology,
              "compressor": compressor, "n_workers": n, "dim": built.d,
              "world_size": transport.world_size, "backend": transport.name,
              "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
@@ -101,10 +111,33 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
              "down_frame_nbytes": down.frame_nbytes, "steps": cfg.run.steps,
              "steps_per_epoch": built.steps_per_epoch}
     session = Session(cfg, transport, built.d, workers, server, built.description, frame_device,
-                      built.steps_per_epoch, built.share_layout, attrs=attrs)
+                      built.steps_per_epoch, built.share_layout, attrs=attrs, algorithm=algorithm,
+                      setting=setting, slice_servers=slice_servers)
     if out is not None:
         open_metrics(session, out, overwrite=overwrite)
     return session
+
+
+def _setting(cfg: Config, compressor: str, d: int, n: int, dtype: torch.dtype) -> algorithms.Setting:
+    """Star: one compressor over the whole vector. Sharded: one per slice (compress.Sliced), n slices."""
+    kwargs = {"ratio": cfg.compress.ratio, "k": cfg.compress.k}
+    if cfg.comm.topology != "sharded":
+        up, down = compress.make(compressor, d, **kwargs), compress.make(compressor, d, **kwargs)
+        return algorithms.Setting(d, n, up, down, cfg.optim, dtype, cfg.run.seed)
+    if d < n:
+        raise CdmpiError(f"comm.topology = 'sharded' cuts the vector into one slice per worker, but d = {d} "
+                         f"is less than the {n} workers; use comm.topology = 'star'")
+    up = compress.Sliced.make(compressor, d, n, **kwargs)
+    down = compress.Sliced.make(compressor, d, n, **kwargs)
+    full = compress.Sliced.make("identity", d, n)
+    return algorithms.Setting(d, n, up, down, cfg.optim, dtype, cfg.run.seed, full)
+
+
+def _slice_setting(s: algorithms.Setting, index: int) -> algorithms.Setting:
+    """What the server of slice `index` sees: that slice's compressors and dimension."""
+    up = s.up.slice_of(index)
+    return algorithms.Setting(up.d, s.n_workers, up, s.down.slice_of(index), s.optim, s.dtype, s.seed,
+                              s.full.slice_of(index))
 
 
 def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,
@@ -232,6 +265,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
                 if stop:
                     session.stopped_at = t
                     return server.last_row if server is not None else None
+                timer.lap("checkpoint")
             evaluate = is_eval_step(t, session)
             log = is_log_step(t, cfg) or evaluate
             shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
@@ -250,17 +284,20 @@ def run(session: Session, progress: bool = False) -> dict | None:
                 timer.lap("metrics")
             if t == steps:
                 break
-            up, down = session.frame_buffers()
+            up, down = session.frame_buffers(t)
             for i, worker in enumerate(session.workers):
                 worker.encode(up[i])
             timer.lap("encode")
-            frames = transport.gather_frames(up)
-            timer.lap("gather")
-            if server is not None:
-                server.aggregate(frames, down)
-            timer.lap("aggregate")
-            transport.broadcast(down)
-            timer.lap("broadcast")
+            if session.sharded:
+                _exchange_sharded(session, t, up, down)
+            else:
+                frames = transport.gather_frames(up)
+                timer.lap("gather")
+                if server is not None:
+                    server.aggregate(frames, down)
+                timer.lap("aggregate")
+                transport.broadcast(down)
+                timer.lap("broadcast")
             lr = lr_at(t, cfg, session.steps_per_epoch)
             for worker in session.workers:
                 worker.update(down, lr)
@@ -269,6 +306,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
             if bar is not None:
                 bar.update(1)
         _record_timing(session)
+        _record_traffic(session)
         if session.d * transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
             _record_final_params(session)
     finally:
@@ -277,6 +315,23 @@ def run(session: Session, progress: bool = False) -> dict | None:
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
+
+
+def _exchange_sharded(session: Session, t: int, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Slice s of every up frame to its server, each server's slice of the down frame to every worker.
+    The timer's phases keep their names: gather is the Alltoallv, broadcast the Allgatherv."""
+    transport, timer = session.transport, session.timer
+    up_compressor, down_compressor = session.frame_compressors(t)
+    parts = transport.scatter_slices(up, up_compressor.slice_nbytes)
+    timer.lap("gather")
+    offsets = down_compressor.offsets
+    for s, slice_server in session.slice_servers.items():
+        slice_server.aggregate(parts[s], down[offsets[s]:offsets[s + 1]])
+    if session.server is not None:  # rank 0 sees no frames; it counts what the workers send
+        session.server.count_bits(transport.n_workers * up_compressor.frame_nbytes, down_compressor.frame_nbytes)
+    timer.lap("aggregate")
+    transport.allgather_slices(down, down_compressor.slice_nbytes)
+    timer.lap("broadcast")
 
 
 def _record_timing(session: Session) -> None:
@@ -293,6 +348,21 @@ def _record_timing(session: Session) -> None:
     for j, phase in enumerate(PHASES):
         server.writer.write_array(f"timing/worker_{phase}", gathered[:, j].numpy())
         server.writer.write_array(f"timing/server_{phase}", own[j:j + 1].numpy())
+
+
+def _record_traffic(session: Session) -> None:
+    """comm/inbound_nbytes_per_step and comm/outbound_nbytes_per_step, one value per rank (MPI only):
+    the frame bytes each rank received from and sent to other ranks per step, from the buffers and counts
+    handed to MPI. The busiest rank's inbound bytes are what the topologies are compared by."""
+    transport = session.transport
+    if transport.name != "mpi":
+        return
+    per_rank = transport.allgather((transport.inbound_nbytes, transport.outbound_nbytes))
+    server, steps = session.server, max(session.timer.steps, 1)
+    if server is not None and server.writer is not None:
+        for j, direction in enumerate(("inbound", "outbound")):
+            server.writer.write_array(f"comm/{direction}_nbytes_per_step",
+                                      torch.tensor([row[j] / steps for row in per_rank], dtype=torch.float64).numpy())
 
 
 def _record_final_params(session: Session) -> None:

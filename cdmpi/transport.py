@@ -12,7 +12,16 @@ in this process (``worker_indices``) and whether it runs the server, and moves t
 - ``share(obj)`` / ``collect(obj)``: small Python objects from the server to all / from all to the server
   (checkpoint bookkeeping; never tensors of size d).
 
-``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
+With ``topology = "sharded"`` the workers also serve the slices of the vector (slice s on worker s), and
+two more collectives carry the frames instead of gather_frames/broadcast:
+
+- ``scatter_slices(up, counts)``: every worker's frame is cut into slices of counts[s] bytes and slice s
+  goes to its server (Alltoallv among the workers); returns {slice: (n, counts[slice]) frames} for the
+  slices this process serves.
+- ``allgather_slices(down, counts)``: each slice server has written its slice of the down frame in place;
+  afterwards every worker holds the whole frame (Allgatherv among the workers). Rank 0 takes no part.
+
+``slices_served(n_slices)`` names the slices a process serves. ``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
 on rank 0 and worker i on rank i + 1, with Gather and Bcast on preallocated buffers. This is the only
 module that imports mpi4py, and only when an MPITransport is made.
 
@@ -38,6 +47,13 @@ def launched_by_mpi() -> bool:
     return any(name in os.environ for name in LAUNCHER_ENV)
 
 
+def _offsets(counts: list[int]) -> list[int]:
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    return offsets
+
+
 class LocalTransport:
     """n logical workers and the server in one process; frames are handed over in memory."""
 
@@ -55,6 +71,16 @@ class LocalTransport:
 
     def configure(self, cuda_aware: str, device) -> str:
         return self.path
+
+    def slices_served(self, n_slices: int) -> list[int]:
+        return list(range(n_slices))
+
+    def scatter_slices(self, up: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
+        offsets = _offsets(counts)
+        return {s: up[:, offsets[s]:offsets[s + 1]] for s in range(len(counts))}
+
+    def allgather_slices(self, down: torch.Tensor, counts: list[int]) -> None:
+        pass
 
     def allgather(self, obj) -> list:
         return [obj]
@@ -113,6 +139,13 @@ class MPITransport:
         # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
         # (the server's n frames), and the Bcast buffer (once per rank).
         self.frame_nbytes = {"gather": 0, "broadcast": 0}
+        # Frame bytes this rank receives from other ranks, and sends to them, as the collectives define
+        # them (an MPI library's trees and rings may relay more): the load on this rank's link.
+        self.inbound_nbytes = 0
+        self.outbound_nbytes = 0
+        # The workers' communicator of the sharded topology, made here because every rank constructs the
+        # transport together (setup phases may fail on one rank, so they hold no collectives).
+        self._workers_comm = comm.Split(MPI.UNDEFINED if self.is_server else 0, key=self.rank)
 
     def cuda_support(self) -> bool:
         """The MPI library's own answer (MPIX_Query_cuda_support, in Open MPI and MPICH); False if absent."""
@@ -186,10 +219,18 @@ class MPITransport:
         """up: (n_local, nbytes) on this rank's frame device; the server passes a (0, nbytes) tensor."""
         frames = self._gather(up, self.path == "staged")
         self.frame_nbytes["gather"] += (frames.numel() if self.is_server else up[0].numel())  # uint8 bytes
+        if self.is_server:
+            self.inbound_nbytes += frames.numel()
+        else:
+            self.outbound_nbytes += up[0].numel()
         return frames
 
     def broadcast(self, down: torch.Tensor) -> None:
         self.frame_nbytes["broadcast"] += down.numel()
+        if self.is_server:
+            self.outbound_nbytes += down.numel() * self.n_workers
+        else:
+            self.inbound_nbytes += down.numel()
         if self.path == "direct":
             self.comm.Bcast(self._mpi_buffer(down), root=0)
             return
@@ -199,6 +240,51 @@ class MPITransport:
         self.comm.Bcast(host.numpy(), root=0)
         if not self.is_server:
             down.copy_(host)  # blocking: host is reused by the next MPI call
+
+    def slices_served(self, n_slices: int) -> list[int]:
+        """Slice rank - 1 on a worker: the sharded topology has one slice per worker."""
+        if n_slices != self.n_workers:
+            raise ValueError(f"the sharded topology serves one slice per worker ({self.n_workers}), not {n_slices}")
+        return [] if self.is_server else [self.rank - 1]
+
+    def scatter_slices(self, up: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
+        """Alltoallv among the workers: slice s of every worker's frame to worker s."""
+        if self.is_server:
+            return {}
+        mine = self.rank - 1
+        n, width = self.n_workers, counts[mine]
+        recv = self._root_buffer(width, up.dtype, up.device)[:n]  # (n, width): row i from worker i
+        send, into = up[0], recv
+        if self.path == "staged":
+            send = self._staging((up.shape[1],), up.dtype)
+            send.copy_(up[0])
+            into = self._staging((n, width), up.dtype)
+        offsets = _offsets(counts)
+        mpi = self._mpi
+        self._workers_comm.Alltoallv([self._mpi_buffer(send), (counts, offsets[:-1]), mpi.BYTE],
+                                     [self._mpi_buffer(into), ([width] * n, [i * width for i in range(n)]), mpi.BYTE])
+        if into is not recv:
+            recv.copy_(into)
+        self.inbound_nbytes += (n - 1) * width
+        self.outbound_nbytes += offsets[-1] - width
+        return {mine: recv}
+
+    def allgather_slices(self, down: torch.Tensor, counts: list[int]) -> None:
+        """Allgatherv in place among the workers: each worker's slice of down to every other worker."""
+        if self.is_server:
+            return
+        mine = self.rank - 1
+        offsets = _offsets(counts)
+        buf = down
+        if self.path == "staged":
+            buf = self._staging(down.shape, down.dtype)
+            buf[offsets[mine]:offsets[mine + 1]].copy_(down[offsets[mine]:offsets[mine + 1]])
+        mpi = self._mpi
+        self._workers_comm.Allgatherv(mpi.IN_PLACE, [self._mpi_buffer(buf), (counts, offsets[:-1]), mpi.BYTE])
+        if buf is not down:
+            down.copy_(buf)  # blocking: buf is reused by the next MPI call
+        self.inbound_nbytes += offsets[-1] - counts[mine]
+        self.outbound_nbytes += counts[mine] * (self.n_workers - 1)
 
     def allreduce_sum_(self, buf: torch.Tensor) -> None:
         """In place: buf = the sum of buf over every rank (bench/end_to_end.py's fp32 Allreduce baseline;
