@@ -1,6 +1,7 @@
 """Benchmark 4: end-to-end steps under mpiexec (rank 0 the server, ranks 1..n the workers) on the cheap
 quadratic problem, with a time breakdown per step: cdadam (scaled sign both ways, Gather + Bcast of packed
-frames), uncompressed amsgrad (Gather + Bcast of fp32 frames), and amsgrad with an fp32 Allreduce.
+frames), uncompressed amsgrad (Gather + Bcast of fp32 frames), amsgrad with an fp32 Allreduce, and cdadam
+with the sharded server (comm.topology = "sharded": Alltoallv + Allgatherv of per-slice frames).
 
     mpiexec -n 5 python bench/end_to_end.py [--dims 1000000 11173962] [--steps 8] [--out-dir runs/bench]
 
@@ -21,32 +22,41 @@ from common import ms, publish, table
 from cdmpi import config, metrics, train
 from cdmpi.algorithms import AmsgradState
 from cdmpi.problems.quadratic import QuadraticShard
-from cdmpi.timing import PhaseTimer
+from cdmpi.timing import PHASES, PhaseTimer
 from cdmpi.transport import MPITransport
 
 
-def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, out: Path) -> None:
+def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, out: Path,
+              topology: str = "star") -> tuple[float, float] | None:
     cfg = config.from_dict({
         "run": {"steps": steps, "dtype": "float32", "log_every": steps, "seed": 0},
         "problem": {"name": "quadratic", "dim": d},
         "optim": {"algorithm": algorithm, "lr": 1e-3},
         "compress": {"name": compressor},
+        "comm": {"topology": topology},
     })
     session = train.setup(cfg, transport, out=out, overwrite=True)
     transport.frame_nbytes.update(gather=0, broadcast=0)
+    transport.inbound_nbytes = transport.outbound_nbytes = 0
     train.run(session)
     counted = transport.gather_stats(torch.tensor([[float(transport.frame_nbytes["gather"]),
-                                                    float(transport.frame_nbytes["broadcast"])]],
+                                                    float(transport.frame_nbytes["broadcast"]),
+                                                    float(transport.inbound_nbytes)]],
                                                   dtype=torch.float64)[: len(session.workers)])
-    if transport.is_server:
-        up, down = session.frame_nbytes()
-        n = transport.n_workers
-        measured = (transport.frame_nbytes["gather"] / steps, counted[:, 1].sum().item() / steps)
-        worker_sent = counted[:, 0].sum().item() / steps
-        formula = (n * up, n * down)
-        assert measured == formula and worker_sent == formula[0], (measured, worker_sent, formula)
-        return measured
-    return None
+    if not transport.is_server:
+        return None
+    up_c, down_c = session.frame_compressors(steps)
+    n = transport.n_workers
+    formula = (n * up_c.frame_nbytes, n * down_c.frame_nbytes)
+    if topology == "sharded":  # worker s receives the n - 1 other slices of each frame
+        inbound = [(n - 1) * up_c.slice_nbytes[s] + down_c.frame_nbytes - down_c.slice_nbytes[s] for s in range(n)]
+        measured = counted[:, 2].div(steps).tolist()
+        assert measured == inbound, (measured, inbound)
+        return formula
+    measured = (transport.frame_nbytes["gather"] / steps, counted[:, 1].sum().item() / steps)
+    worker_sent = counted[:, 0].sum().item() / steps
+    assert measured == formula and worker_sent == formula[0], (measured, worker_sent, formula)
+    return measured
 
 
 def run_allreduce(transport, d: int, steps: int):
@@ -59,7 +69,7 @@ def run_allreduce(transport, d: int, steps: int):
         for _ in range(steps):
             grad_sum.zero_()
             transport.allreduce_sum_(grad_sum)
-        return transport.gather_stats(torch.zeros(0, 7, dtype=torch.float64))
+        return transport.gather_stats(torch.zeros(0, len(PHASES), dtype=torch.float64))
     shard = QuadraticShard(d, transport.rank - 1, n, 0, torch.float32, "cpu")
     params = torch.zeros(d, dtype=torch.float32)
     state = AmsgradState(d, torch.float32, "cpu", config.OptimConfig())
@@ -77,10 +87,16 @@ def run_allreduce(transport, d: int, steps: int):
     return None
 
 
-def breakdown(timing: dict) -> dict:
-    """Seconds per step: worker means of compute, encode, update; server aggregate; communicate = the
-    workers' gather + broadcast wall time less the server's aggregate (which they wait for inside Bcast)."""
-    w = {p: statistics.fmean(timing[f"worker_{p}"]) for p in ("compute", "encode", "gather", "broadcast", "update")}
+def breakdown(timing: dict, sharded: bool = False) -> dict:
+    """Seconds per step: worker means of compute, encode, update; the aggregate (star: the server's, which the
+    workers wait for inside Bcast, so communicate = their gather + broadcast less it; sharded: the workers'
+    own slice work, a phase of its own)."""
+    phases = ("compute", "encode", "gather", "aggregate", "broadcast", "update")
+    w = {p: statistics.fmean(timing[f"worker_{p}"]) for p in phases}
+    if sharded:
+        return {"compute": w["compute"], "encode": w["encode"], "communicate": w["gather"] + w["broadcast"],
+                "decode+aggregate": w["aggregate"], "update": w["update"],
+                "optimizer+communication": sum(w[p] for p in phases[1:])}
     aggregate = float(timing["server_aggregate"][0])
     return {"compute": w["compute"], "encode": w["encode"], "communicate": w["gather"] + w["broadcast"] - aggregate,
             "decode+aggregate": aggregate, "update": w["update"],
@@ -101,15 +117,15 @@ def main() -> None:
     rows = []
     for d in args.dims:
         results = {}
-        for algorithm, compressor in (("cdadam", "scaled_sign"), ("amsgrad", "identity")):
-            path = out_dir / f"e2e-{algorithm}-d{d}.h5"
-            nbytes = run_cdmpi(transport, algorithm, compressor, d, args.steps, path)
+        for algorithm, compressor, topology in (("cdadam", "scaled_sign", "star"), ("amsgrad", "identity", "star"),
+                                                ("cdadam", "scaled_sign", "sharded")):
+            name = algorithm if topology == "star" else f"{algorithm} (sharded)"
+            path = out_dir / (f"e2e-{algorithm}-d{d}.h5" if topology == "star" else f"e2e-{algorithm}-sharded-d{d}.h5")
+            nbytes = run_cdmpi(transport, algorithm, compressor, d, args.steps, path, topology)
             if transport.is_server:
-                results[algorithm] = (breakdown(metrics.read(path)["timing"]), nbytes)
+                results[name] = (breakdown(metrics.read(path)["timing"], topology == "sharded"), nbytes)
         gathered = run_allreduce(transport, d, args.steps)
         if transport.is_server:
-            from cdmpi.timing import PHASES
-
             mean = gathered.mean(dim=0)
             t = dict(zip(PHASES, mean.tolist()))
             results["amsgrad (Allreduce)"] = ({"compute": t["compute"], "encode": 0.0, "communicate": t["gather"],
@@ -129,7 +145,9 @@ def main() -> None:
                 "re-compression of the download frame). optimizer+communication = a worker's encode + Gather + "
                 "Bcast + update wall time, so it includes the server's work the worker waits for. Bytes per "
                 "step are counted from the numpy buffers handed to MPI (Gather: all n frames at the server; "
-                "Bcast: each worker's copy) and checked equal to n * frame_nbytes; for the Allreduce they are "
+                "Bcast: each worker's copy) and checked equal to n * frame_nbytes (sharded: every worker's "
+                "inbound bytes checked equal to its n - 1 up slices and n - 1 down slices; its aggregate is its "
+                "own slice's work, and optimizer+communication adds it); for the Allreduce they are "
                 "each worker's fp32 buffer (4 d), MPI's internal traffic is not visible. "
                 "Every rank is one process with one torch thread; the ranks share the machine's cores.",
                 launcher=f"mpiexec -n {transport.world_size} ")

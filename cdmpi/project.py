@@ -13,6 +13,15 @@ and optimizer ms is encode + aggregate + update (update alone for the Allreduce)
 gradient over the n workers, with the same compute and update times:
 
     step = compute + 2 (n - 1) L + 2 (n - 1) / n * 4 d / B + update
+
+Sharded topology (comm.topology = "sharded": worker s serves slice s; Alltoallv, then Allgatherv). Every
+worker's link carries (n - 1) slices in and (n - 1) slices out of each frame, and each collective is
+n - 1 pairwise messages, so
+
+    step = compute + encode + ((n - 1) L + up_in / B) + aggregate + ((n - 1) L + down_in / B) + update
+
+with aggregate the workers' mean slice work, and up_in + down_in the frame bytes the busiest worker
+receives per step (measured, comm/inbound_nbytes_per_step; else (n - 1) / n of one up and one down frame).
 """
 
 from __future__ import annotations
@@ -45,19 +54,32 @@ def measured(path: str | Path) -> dict:
     steps = int(train["step"][-1])
     if steps <= 0:
         raise CdmpiError(f"{path} recorded no optimizer steps")
+    sharded = attrs.get("topology", "star") == "sharded"
+    n = int(attrs["n_workers"])
+    # star: rank 0 aggregates; sharded: every worker aggregates its slice, inside its own timing
+    aggregate = float(np.mean(timing["worker_aggregate"]) if sharded else timing["server_aggregate"][0])
+    up_bytes, down_bytes = float(train["bits_up"][-1]) / 8 / steps, float(train["bits_down"][-1]) / 8 / steps
+    if sharded:  # the busiest worker's inbound frame bytes, as the run measured them where it could
+        inbound = run.get("comm", {}).get("inbound_nbytes_per_step")
+        link_bytes = float(np.max(inbound)) if inbound is not None else (n - 1) / n * (up_bytes + down_bytes) / n
+    else:
+        link_bytes = up_bytes + down_bytes
     return {"path": str(path), "algorithm": attrs["algorithm"], "compressor": attrs["compressor"],
-            "n_workers": int(attrs["n_workers"]), "dim": int(attrs["dim"]), "backend": attrs["backend"],
+            "topology": "sharded" if sharded else "star",
+            "n_workers": n, "dim": int(attrs["dim"]), "backend": attrs["backend"],
             "compute": float(np.mean(timing["worker_compute"])), "encode": float(np.mean(timing["worker_encode"])),
-            "aggregate": float(timing["server_aggregate"][0]), "update": float(np.mean(timing["worker_update"])),
+            "aggregate": aggregate, "update": float(np.mean(timing["worker_update"])),
             "communicate": float(np.mean(timing["worker_gather"]) + np.mean(timing["worker_broadcast"])
-                                 - timing["server_aggregate"][0]),
-            "up_bytes": float(train["bits_up"][-1]) / 8 / steps, "down_bytes": float(train["bits_down"][-1]) / 8 / steps}
+                                 - (0.0 if sharded else aggregate)),
+            "up_bytes": up_bytes, "down_bytes": down_bytes, "link_bytes": link_bytes}
 
 
 def star_step(m: dict, gbit_per_s: float, latency: float) -> float:
+    """Also the sharded model: there the latency counts (n - 1) messages per collective."""
     bytes_per_s = gbit_per_s * 1e9 / 8
-    return (m["compute"] + m["encode"] + m["aggregate"] + m["update"] + 2 * latency
-            + (m["up_bytes"] + m["down_bytes"]) / bytes_per_s)
+    messages = m["n_workers"] - 1 if m.get("topology") == "sharded" else 1
+    return (m["compute"] + m["encode"] + m["aggregate"] + m["update"] + 2 * messages * latency
+            + m["link_bytes"] / bytes_per_s)
 
 
 def ring_allreduce_step(m: dict, gbit_per_s: float, latency: float) -> float:
@@ -71,8 +93,8 @@ def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
     for path in paths:
         m = measured(path)
         ring_bytes = 2 * (m["n_workers"] - 1) / m["n_workers"] * 4 * m["dim"]
-        out.append({**m, "run": f"{Path(path).name}", "model": "star (as measured)",
-                    "link_bytes": m["up_bytes"] + m["down_bytes"], "compute ms": 1e3 * m["compute"],
+        out.append({**m, "run": f"{Path(path).name}", "model": f"{m['topology']} (as measured)",
+                    "compute ms": 1e3 * m["compute"],
                     "optimizer ms": 1e3 * (m["encode"] + m["aggregate"] + m["update"]),
                     **{f"{b:g} Gbit/s ms": 1e3 * star_step(m, b, latency) for b in bandwidths}})
         out.append({**m, "run": f"{Path(path).name}", "model": "fp32 ring Allreduce", "link_bytes": ring_bytes,
