@@ -210,6 +210,17 @@ def test_sharded_mpi_matches_local(tmp_path, small_config, name, compressor, wor
         assert d // workers == 5
 
 
+def test_sharded_staged_path_matches_local(tmp_path, small_config):
+    """comm.cuda_aware = false copies frames through host staging buffers (the path of GPU workers under an
+    MPI that is not CUDA-aware); with CPU frames the same code runs here and must give the same bits."""
+    sets = ["--set", "run.steps=8", "--set", 'comm.cuda_aware="false"']
+    local = _train(small_config, tmp_path / "local.h5", *sets, workers=3)
+    mpi = _train(small_config, tmp_path / "mpi.h5", *sets, ranks=4)
+    assert "staged" in mpi["attrs"]["comm_path"]
+    np.testing.assert_array_equal(local["train"]["loss"], mpi["train"]["loss"])
+    np.testing.assert_array_equal(local["final"]["params"], mpi["final"]["params"])
+
+
 def test_star_inbound_bytes_are_n_frames_at_rank_0(tmp_path, small_config):
     out = tmp_path / "star.h5"
     result = run_cdmpi(["train", small_config, "--set", "run.steps=4", "--out", out, "--quiet"], ranks=4)
