@@ -182,6 +182,10 @@ def prefetch(dataset: str) -> None:
     """Make a known dataset local (download and check it) before the other ranks read it."""
     if dataset in LIBSVM_SHA256:
         locate(dataset)
+    elif dataset == "cifar10":
+        from . import images  # images imports this module
+
+        images.cifar10_source()
 
 
 def shard_bounds(n_samples: int, n_workers: int) -> list[tuple[int, int]]:

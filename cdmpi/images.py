@@ -109,20 +109,27 @@ def read_cifar10_archive(path: Path, sha256: str = CIFAR10_SHA256) -> ImageSet:
         return _read_members(read, str(path))
 
 
-def locate_cifar10(allow_download: bool = True) -> ImageSet:
-    """$CDMPI_DATA_DIR/cifar-10-batches-py/ or .../cifar-10-python.tar.gz, else the cache, else download."""
+def cifar10_source(allow_download: bool = True) -> Path:
+    """Where CIFAR-10 is read from: $CDMPI_DATA_DIR/cifar-10-batches-py/ or .../cifar-10-python.tar.gz, else
+    the cached archive, downloaded first if missing. Rank 0 calls this before the others read, so a
+    download happens once, not once per rank."""
     data_dir = os.environ.get(data.DATA_DIR_ENV)
     if data_dir:
         if (Path(data_dir) / CIFAR10_FOLDER).is_dir():
-            return read_cifar10_folder(Path(data_dir) / CIFAR10_FOLDER)
+            return Path(data_dir) / CIFAR10_FOLDER
         if (Path(data_dir) / CIFAR10_ARCHIVE).is_file():
-            return read_cifar10_archive(Path(data_dir) / CIFAR10_ARCHIVE)
+            return Path(data_dir) / CIFAR10_ARCHIVE
     cached = data.cache_dir().parent / "cifar10" / CIFAR10_ARCHIVE
     if not cached.is_file():
         if not allow_download:
             raise CdmpiError(f"CIFAR-10 is not in ${data.DATA_DIR_ENV} ({data_dir or 'unset'}) nor in {cached}")
         data.fetch(CIFAR10_URL, cached, CIFAR10_SHA256, "cifar10", timeout=600.0)
-    return read_cifar10_archive(cached)
+    return cached
+
+
+def locate_cifar10(allow_download: bool = True) -> ImageSet:
+    source = cifar10_source(allow_download)
+    return read_cifar10_folder(source) if source.is_dir() else read_cifar10_archive(source)
 
 
 def digits(seed: int) -> ImageSet:

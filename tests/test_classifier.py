@@ -89,6 +89,31 @@ def test_cifar_reader_refuses_arbitrary_objects(tmp_path):
     assert not Path("/tmp/cdmpi-hostile-pickle-ran").exists()
 
 
+def test_rank_0_prefetches_the_cifar_archive_once(tmp_path, monkeypatch):
+    """data.prefetch (rank 0, before the other ranks build) downloads the archive into the cache; with the
+    archive there it downloads nothing, and with $CDMPI_DATA_DIR holding the data it never looks."""
+    from cdmpi import data
+
+    calls = []
+
+    def fake_fetch(url, dest, sha256, name, timeout=60.0):
+        calls.append((url, dest))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"archive")
+        return dest
+
+    monkeypatch.setattr(data, "fetch", fake_fetch)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    data.prefetch("cifar10")
+    data.prefetch("cifar10")
+    assert [c[0] for c in calls] == [images.CIFAR10_URL]
+    assert calls[0][1] == tmp_path / "cache" / "cifar10" / images.CIFAR10_ARCHIVE
+    (tmp_path / "data" / images.CIFAR10_FOLDER).mkdir(parents=True)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "data"))
+    assert images.cifar10_source() == tmp_path / "data" / images.CIFAR10_FOLDER
+
+
 def test_module_parameters_are_views_into_the_flat_vector():
     torch.manual_seed(0)
     model = nets.NETWORKS["small_cnn"]()
