@@ -20,6 +20,7 @@ setup(
         "mpi4py>=3.1",
         "scikit-learn>=1.2",  # the LibSVM reader
         "tqdm>=4.60",
+        "numba>=0.59",  # compiled scaled-sign kernels (cdmpi/wire.py); without it the torch path runs
     ],
     extras_require={
         "mpich": ["mpich"],  # an MPI runtime from PyPI, for machines without a system MPI

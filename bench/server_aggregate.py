@@ -45,9 +45,9 @@ def main() -> None:
     text = table(["n", "d", "n clones ms", "n copy_ ms", "decode+aggregate ms", "aggregate / clones",
                   "aggregate / copy_", "server re-compress (Markov push) ms"], rows)
     publish(f"2_server_aggregate_{args.dtype}", f"2. Server decode and aggregate of n frames ({args.dtype})", text,
-            "decode+aggregate = MarkovMean.receive_all: for each chunk of wire.CHUNK coordinates, each frame's "
-            "bytes index the 256 x 8 table of +-1 and are added times scale_i in worker order; no dense "
-            "vector per frame is made. Target <= 1.0x one clone per frame. The last column is the rest of the "
+            "decode+aggregate = MarkovMean.receive_all: for each chunk of wire.CHUNK coordinates, numba's loop "
+            "adds +-scale_i of each frame in worker order (the torch path without numba: the 256 x 8 table of "
+            "+-1 and addcmul_), then torch adds alpha times the chunk; no dense vector per frame is made. Target <= 1.0x one clone per frame. The last column is the rest of the "
             "server's step (C(g_hat - g_tilde) and g_tilde's update), for scale.")
 
 

@@ -92,12 +92,46 @@ class ScaledSign(Compressor):
             l1 = part if l1 is None else l1 + part
         wire.write_f32(frame, 0, l1 / self.d)
 
+    def _pack_compiled(self, k, frame, x, state=None) -> None:
+        """_pack_all through the compiled kernels (of x - state if state is given): the signs and |x| of a
+        chunk in one loop, ||x||_1 of the chunk by torch's sum as before, the scale by the same float ops."""
+        fr = wire.as_numpy(frame)
+        x_np = wire.as_numpy(x)
+        state_np = None if state is None else wire.as_numpy(state)
+        absx, absx_np = wire.scratch_cpu("abs", x.dtype)
+        flags = wire.scratch_cpu("flags", torch.uint8)[1]
+        plans = self.__dict__.setdefault("_plans", {})  # made once per dtype: Python costs show at d = 1e5
+        plan = plans.get(x.dtype)
+        if plan is None:  # the chunk ranges with their views of |x|, and the buffers of the scale
+            plan = plans[x.dtype] = (
+                [(lo, hi, absx if hi - lo == wire.CHUNK else absx[:hi - lo]) for lo, hi in wire.chunks(self.d)],
+                np.empty(len(range(0, self.d, wire.CHUNK)), dtype=x_np.dtype), x_np.dtype.type(self.d),
+                np.empty(1, dtype=np.float32))
+        ranges, partials, d, scale = plan
+        for c, (lo, hi, absx) in enumerate(ranges):
+            signs = fr[4 + lo // 8:4 + (hi + 7) // 8]
+            if state_np is None:
+                k.pack_abs(x_np[lo:hi], signs, flags, absx_np)
+            else:
+                k.pack_abs_diff(x_np[lo:hi], state_np[lo:hi], signs, flags, absx_np)
+            partials[c] = absx.sum().item()
+        k.scale(partials, d, scale)
+        fr[:4] = scale.view(np.uint8)
+
     def encode(self, x, frame, key=0):
+        k = wire.compiled(self.d, x, frame) if x.dtype in (torch.float32, torch.float64) else None
+        if k is not None:
+            return self._pack_compiled(k, frame, x)
         self._pack_all(lambda lo, hi: x[lo:hi], frame)
 
     def encode_delta_(self, target, state, frame, key=0):
-        diff = wire.scratch("diff", state.dtype, state.device)
-        self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
+        k = (wire.compiled(self.d, target, state, frame)
+             if target.dtype == state.dtype and state.dtype in (torch.float32, torch.float64) else None)
+        if k is not None:
+            self._pack_compiled(k, frame, target, state)
+        else:
+            diff = wire.scratch("diff", state.dtype, state.device)
+            self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
         self.decode_add_(frame, state)
 
     def decode(self, frame, dtype, key=0):
@@ -108,6 +142,16 @@ class ScaledSign(Compressor):
         wire.add_scaled_signs_(frame[4:], wire.read_f32(frame, 0, 1), acc)
 
     def add_sum_(self, frames, acc, keys, alpha=1.0):
+        k = wire.compiled(self.d, frames, acc) if acc.dtype in (torch.float32, torch.float64) and len(frames) else None
+        if k is not None:  # the same sums of +-scale_i from 0.0 in worker order, one compiled loop per chunk
+            fr = wire.as_numpy(frames)
+            scales = fr[:, :4].copy().view(np.float32).reshape(-1).astype(wire.as_numpy(acc).dtype)
+            total, total_np = wire.scratch_cpu("total", acc.dtype)
+            flags = wire.scratch_cpu("flags", torch.uint8, 2 * wire._FLAG_BLOCK)[1]
+            for lo, hi in wire.chunks(self.d):
+                k.sum_signs(fr, 4 + lo // 8, scales, total_np[:hi - lo], flags)
+                acc[lo:hi].add_(total if hi - lo == wire.CHUNK else total[:hi - lo], alpha=alpha)
+            return
         scales = [wire.read_f32(frame, 0, 1).to(acc.dtype) for frame in frames]
         table = wire.sign_table(acc.dtype, acc.device)
         signs = frames[:, 4:]
