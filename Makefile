@@ -21,7 +21,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check
+.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check bench
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ reproduce-digits: install
 # On a machine with a GPU: tests on CUDA, packing throughput, 200 ResNet-18 steps (under 5 minutes).
 gpu-check: install
 	PYTHON=$(PY) bench/gpu_check.sh results/gpu
+
+# The seven benchmarks of results/bench/ (about 15 minutes on 2 cores), then results/bench/README.md.
+bench: install
+	PYTHON=$(PY) MPIEXEC=$(BIN)/mpiexec bench/run_all.sh
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
