@@ -40,9 +40,12 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 
 def time_run(root: Path, algorithm: str, steps: int, log_every: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", CHILD, algorithm, str(steps), str(log_every)], cwd=REPO, env=env,
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["seconds"]
+    child = subprocess.run([sys.executable, "-c", CHILD, algorithm, str(steps), str(log_every)], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"bench/local_throughput.py: the {algorithm} run of {root} failed: {last}")
+    return json.loads(child.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def main() -> None:

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 MPIEXEC=${MPIEXEC:-.venv/bin/mpiexec}
 export PATH="$(dirname "$PYTHON"):$PATH"  # cdmpi and mpiexec of the same environment for the subprocesses
+if [[ -z ${CDMPI_DATA_DIR:-} && -f ../shared/data/libsvm/MANIFEST.tsv ]]; then  # as the Makefile does
+    export CDMPI_DATA_DIR=$(cd ../shared/data/libsvm && pwd)
+fi
 "$PYTHON" bench/compress_pack.py --reps 21
 "$PYTHON" bench/server_aggregate.py --reps 11
 "$PYTHON" bench/worker_step.py --reps 11

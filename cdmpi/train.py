@@ -270,7 +270,7 @@ def run(session: Session, progress: bool = False) -> dict | None:
             log = is_log_step(t, cfg) or evaluate
             shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
             check_finite(session, t)
-            timer.lap("compute")
+            timer.lap("compute" if t < steps else "metrics")  # at step T the gradient only feeds the last row
             if log:
                 width = session.d + 1 if session.share_layout == "gradient" else TRAIN_SHARE + EVAL_SHARE * evaluate
                 rows = transport.gather_stats(torch.stack(shares) if shares else torch.zeros(0, width,
