@@ -27,13 +27,13 @@ from cdmpi.transport import MPITransport
 
 
 def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, out: Path,
-              topology: str = "star") -> tuple[float, float] | None:
+              topology: str = "star", wait: str = "auto") -> tuple[float, float] | None:
     cfg = config.from_dict({
         "run": {"steps": steps, "dtype": "float32", "log_every": steps, "seed": 0},
         "problem": {"name": "quadratic", "dim": d},
         "optim": {"algorithm": algorithm, "lr": 1e-3},
         "compress": {"name": compressor},
-        "comm": {"topology": topology},
+        "comm": {"topology": topology, "wait": wait},
     })
     session = train.setup(cfg, transport, out=out, overwrite=True)
     transport.frame_nbytes.update(gather=0, broadcast=0)
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[1_000_000, 11_173_962])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out-dir", default="runs/bench")
+    parser.add_argument("--wait", choices=("auto", "spin", "sleep"), default="auto",
+                        help="comm.wait of the runs (the Allreduce baseline waits the same way)")
     args = parser.parse_args()
     transport = MPITransport.from_world()
     out_dir = Path(args.out_dir)
@@ -121,7 +123,7 @@ def main() -> None:
                                                 ("cdadam", "scaled_sign", "sharded")):
             name = algorithm if topology == "star" else f"{algorithm} (sharded)"
             path = out_dir / (f"e2e-{algorithm}-d{d}.h5" if topology == "star" else f"e2e-{algorithm}-sharded-d{d}.h5")
-            nbytes = run_cdmpi(transport, algorithm, compressor, d, args.steps, path, topology)
+            nbytes = run_cdmpi(transport, algorithm, compressor, d, args.steps, path, topology, args.wait)
             if transport.is_server:
                 results[name] = (breakdown(metrics.read(path)["timing"], topology == "sharded"), nbytes)
         gathered = run_allreduce(transport, d, args.steps)

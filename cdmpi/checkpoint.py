@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys a resumed run may change: they do not change the trajectory of x. run.workers is checked as the
 # world size, with its own message.
-MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers")
+MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "comm.wait")
 MUTABLE_SECTIONS = ("checkpoint",)
 
 

@@ -83,6 +83,10 @@ class CommConfig:
     # star: rank 0 aggregates every frame (Gather + Bcast, the paper's Algorithm 1). sharded: worker s serves
     # slice s of the vector (Alltoallv + Allgatherv among the workers), one compressor scale per slice.
     topology: str = "star"
+    # How a rank waits in a collective: spin (MPI's own busy wait, best with a core per rank), sleep (a
+    # barrier that sleeps between polls first, for ranks sharing cores), auto (sleep when d >= 1e6 and any
+    # node has more ranks than cores).
+    wait: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if cfg.comm.wait not in ("auto", "spin", "sleep"):
+        raise CdmpiError(f"config: comm.wait must be 'auto', 'spin' or 'sleep', got {cfg.comm.wait!r}")
     if cfg.comm.topology not in ("star", "sharded"):
         raise CdmpiError(f"config: comm.topology must be 'star' or 'sharded', got {cfg.comm.topology!r}")
     if cfg.optim.warmup_steps < 0:

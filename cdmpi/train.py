@@ -227,12 +227,18 @@ def is_eval_step(step: int, session: Session) -> bool:
 
 
 def record_paths(session: Session) -> None:
-    """Collective: every rank's device and frame path, kept in the metrics file's attributes."""
-    paths = session.transport.allgather(f"{session.device} {session.transport.path}")
+    """Collective: every rank's device and frame path, kept in the metrics file's attributes, and the
+    agreement on how ranks wait in collectives (comm.wait)."""
+    transport = session.transport
+    votes = transport.allgather((f"{session.device} {transport.path}",
+                                 transport.wants_sleep(session.cfg.comm.wait, session.d)))
+    paths = [path for path, _ in votes]
+    sleep = transport.agree_wait([vote for _, vote in votes])
     server = session.server
     if server is not None and server.writer is not None:
         server.writer.set_attrs({"comm_paths": json.dumps(paths),
-                                 "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths)))})
+                                 "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths))),
+                                 "comm_wait": "sleep" if sleep else "spin"})
 
 
 def is_log_step(step: int, cfg: Config) -> bool:

@@ -36,11 +36,18 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 
 import torch
 
 # Environment variables that MPI launchers (MPICH/Hydra, Open MPI, Intel MPI, SLURM's srun) set.
 LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+# comm.wait = auto sleeps only for vectors this long: a step then takes many milliseconds, so a wait that
+# ends up to 0.5 ms late costs little, while a core freed from spinning is worth a lot. Short vectors make
+# latency-bound steps, where sleeping costs more than it frees (mushrooms, 21 ranks on 2 cores: 30% slower).
+SLEEP_MIN_D = 1_000_000
 
 
 def launched_by_mpi() -> bool:
@@ -74,6 +81,12 @@ class LocalTransport:
 
     def slices_served(self, n_slices: int) -> list[int]:
         return list(range(n_slices))
+
+    def wants_sleep(self, mode: str, d: int) -> bool:
+        return False  # one process: nothing to wait for
+
+    def agree_wait(self, votes: list[bool]) -> bool:
+        return False
 
     def scatter_slices(self, up: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]:
         offsets = _offsets(counts)
@@ -130,7 +143,9 @@ class MPITransport:
         self.mpi_library = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0].strip()
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)  # the ranks sharing this node's memory
         self.local_rank = node.Get_rank()
+        self.node_size = node.Get_size()
         node.Free()
+        self.sleep_wait = False  # see agree_wait
         self.path = "direct"
         self.device = torch.device("cpu")
         self._recv: dict[tuple, torch.Tensor] = {}
@@ -170,6 +185,32 @@ class MPITransport:
     def allgather(self, obj) -> list:
         return self.comm.allgather(obj)
 
+    def wants_sleep(self, mode: str, d: int) -> bool:
+        """This rank's vote for comm.wait: sleep when asked, or (auto) for long vectors when more ranks share
+        this node than it has cores for this process."""
+        if mode != "auto":
+            return mode == "sleep"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return d >= SLEEP_MIN_D and self.node_size > cores
+
+    def agree_wait(self, votes: list[bool]) -> bool:
+        """Every rank must wait the same way (the sleeping wait adds a barrier): sleep if any rank voted so."""
+        self.sleep_wait = any(votes)
+        return self.sleep_wait
+
+    def _arrive(self, comm=None) -> None:
+        """With sleep_wait: before a blocking collective, wait for every rank of comm in a barrier that
+        sleeps between polls. MPI's own wait spins on a core, which is right when every rank has one; when
+        ranks share cores, a spinning rank takes CPU from the ranks it is waiting for. The collective
+        itself then starts with every rank there and does not spin."""
+        if not self.sleep_wait:
+            return
+        request = (comm or self.comm).Ibarrier()
+        pause = 20e-6
+        while not request.Test():
+            time.sleep(pause)
+            pause = min(2 * pause, 5e-4)  # a long wait polls rarely; it ends at most ~0.5 ms late
+
     def _staging(self, shape, dtype) -> torch.Tensor:
         key = (tuple(shape), dtype)
         buf = self._host.get(key)
@@ -200,6 +241,7 @@ class MPITransport:
 
     def _gather(self, rows: torch.Tensor, staged: bool) -> torch.Tensor | None:
         width = rows.shape[1]
+        self._arrive()
         if self.is_server:
             recv = self._root_buffer(width, rows.dtype, "cpu" if staged else rows.device)
             self.comm.Gather(self._mpi.IN_PLACE, self._mpi_buffer(recv), root=0)
@@ -226,6 +268,7 @@ class MPITransport:
         return frames
 
     def broadcast(self, down: torch.Tensor) -> None:
+        self._arrive()
         self.frame_nbytes["broadcast"] += down.numel()
         if self.is_server:
             self.outbound_nbytes += down.numel() * self.n_workers
@@ -261,6 +304,7 @@ class MPITransport:
             into = self._staging((n, width), up.dtype)
         offsets = _offsets(counts)
         mpi = self._mpi
+        self._arrive(self._workers_comm)
         self._workers_comm.Alltoallv([self._mpi_buffer(send), (counts, offsets[:-1]), mpi.BYTE],
                                      [self._mpi_buffer(into), ([width] * n, [i * width for i in range(n)]), mpi.BYTE])
         if into is not recv:
@@ -280,6 +324,7 @@ class MPITransport:
             buf = self._staging(down.shape, down.dtype)
             buf[offsets[mine]:offsets[mine + 1]].copy_(down[offsets[mine]:offsets[mine + 1]])
         mpi = self._mpi
+        self._arrive(self._workers_comm)
         self._workers_comm.Allgatherv(mpi.IN_PLACE, [self._mpi_buffer(buf), (counts, offsets[:-1]), mpi.BYTE])
         if buf is not down:
             down.copy_(buf)  # blocking: buf is reused by the next MPI call
@@ -289,6 +334,7 @@ class MPITransport:
     def allreduce_sum_(self, buf: torch.Tensor) -> None:
         """In place: buf = the sum of buf over every rank (bench/end_to_end.py's fp32 Allreduce baseline;
         the server passes zeros). The summation order is MPI's, so it is not bit-reproducible in-process."""
+        self._arrive()
         self.comm.Allreduce(self._mpi.IN_PLACE, self._mpi_buffer(buf), op=self._mpi.SUM)
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
@@ -298,6 +344,7 @@ class MPITransport:
         """Allgather of (stop flag, checksum of x) per rank: 16 bytes each. The server sends hash -1."""
         row = torch.tensor([int(stop), hashes[0] if hashes else -1], dtype=torch.int64)
         table = self._check_table
+        self._arrive()
         self.comm.Allgather(row.numpy(), table.numpy())
         return bool(table[:, 0].any()), table[1:, 1].tolist()
 
