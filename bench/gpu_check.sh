@@ -3,7 +3,8 @@
 #   1. the test suite with its device tests on CUDA (CDMPI_TEST_DEVICE=cuda);
 #   2. sign-packing throughput against a device-to-device copy of the same size;
 #   3. 200 steps of ResNet-18 on CIFAR-shaped synthetic data, 1 server + 2 workers sharing the GPU,
-#      reporting steps per second and bytes per step.
+#      reporting steps per second and bytes per step;
+#   4. one epoch of the same with comm.topology = "sharded" (the workers exchange slices on the GPU).
 # Usage: bench/gpu_check.sh [OUT_DIR]      (default results/gpu; everything printed also goes to OUT_DIR/log.txt)
 # Overrides: PYTHON=python3  MPIEXEC=<next to PYTHON, else on PATH>  CUDA_AWARE=auto|true|false
 set -euo pipefail
@@ -50,5 +51,13 @@ print(f"bytes/step: up {t['bits_up'][-1] / 8 / steps:.0f} (all workers), down {t
       f"(all workers); fp32 gradients would be {4 * a['dim'] * a['n_workers']} each way")
 print(f"train loss {t['loss'][0]:.4f} -> {t['loss'][-1]:.4f}; test accuracy {r['eval']['accuracy'].tolist()}")
 PY
-echo "== gpu_check done (status $status: nonzero when the tests or the packing benchmark failed)"
+echo "== 4. the sharded topology on the GPU: ResNet-18, 1 epoch (50 steps), Alltoallv + Allgatherv of slices"
+timeout 180 "$MPIEXEC" -n 3 "$PYTHON" -m cdmpi train bench/resnet18_synthetic.toml --quiet --overwrite \
+    --set "comm.cuda_aware=\"$CUDA_AWARE\"" --set 'comm.topology="sharded"' --set run.epochs=1 \
+    --out "$OUT/resnet18_sharded.h5" || status=$?
+"$PYTHON" -c "import sys; from cdmpi import metrics; r = metrics.read(sys.argv[1]); t = r['train']
+print('sharded:', r['attrs']['comm_path'], 'steps', int(t['step'][-1]), 'loss', round(float(t['loss'][0]), 4), '->',
+      round(float(t['loss'][-1]), 4), 'inbound bytes/step per rank', r['comm']['inbound_nbytes_per_step'].tolist())" \
+    "$OUT/resnet18_sharded.h5" || status=$?
+echo "== gpu_check done (status $status: nonzero when the tests, the packing benchmark or the sharded run failed)"
 exit $status
