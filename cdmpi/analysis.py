@@ -27,6 +27,7 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
         step = int(train["step"][-1])
         bits_up, bits_down = int(train["bits_up"][-1]), int(train["bits_down"][-1])
     row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
+           "topology": attrs.get("topology", "star"),  # files from before the sharded topology are star
            "dataset": cfg.get("data", {}).get("dataset"), "lr": cfg.get("optim", {}).get("lr"),
            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
            "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "bits_up": bits_up,
@@ -44,11 +45,11 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
 
 
 def best(rows: list[dict]) -> list[dict]:
-    """Per (dataset, algorithm, compressor): the run with the lowest final grad_norm_sq (NaN counts as
-    worst; ties go to the smaller step size), in the order the groups first appear."""
+    """Per (dataset, algorithm, compressor, topology): the run with the lowest final grad_norm_sq (NaN counts
+    as worst; ties go to the smaller step size), in the order the groups first appear."""
     groups: dict[tuple, dict] = {}
     for row in rows:
-        key = (row["dataset"], row["algorithm"], row["compressor"])
+        key = (row["dataset"], row["algorithm"], row["compressor"], row.get("topology", "star"))
         score = (_nan_last(row["final_grad_norm_sq"]), row["lr"] if row["lr"] is not None else 0.0)
         if key not in groups or score < groups[key][0]:
             groups[key] = (score, row)

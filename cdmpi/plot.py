@@ -78,5 +78,6 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
 
 
 def _label(row: dict, best_only: bool) -> str:
-    text = f"{row['algorithm']} ({row['compressor']})"
+    sharded = ", sharded" if row.get("topology", "star") == "sharded" else ""  # star labels stay as they were
+    text = f"{row['algorithm']} ({row['compressor']}{sharded})"
     return text + ("" if best_only else f" lr={row['lr']:g}")

@@ -257,3 +257,13 @@ def test_unknown_topology_is_a_clear_error(tmp_path, small_config):
                         "--out", tmp_path / "x.h5", "--quiet"])
     assert result.returncode == 2
     assert "comm.topology must be 'star' or 'sharded', got 'ring'" in result.stderr
+
+
+def test_report_best_keeps_the_topologies_apart():
+    """A sweep over both topologies: `report --best` picks a best run per topology, not one for both."""
+    from cdmpi import analysis
+
+    rows = [{"dataset": "w8a", "algorithm": "cdadam", "compressor": "scaled_sign", "topology": topology,
+             "final_grad_norm_sq": value, "lr": 0.01, "file": f"{topology}.h5"}
+            for topology, value in (("star", 1e-3), ("sharded", 2e-3))]
+    assert [r["topology"] for r in analysis.best(rows)] == ["star", "sharded"]
