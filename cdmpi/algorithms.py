@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import wire
+from . import compress, wire
 from .compress import COMPRESSORS, Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
@@ -76,6 +76,26 @@ class Setting:
 
     def identity(self) -> Compressor:
         return self.full if self.full is not None else Identity(self.d)
+
+
+def make_setting(compressor: str, d: int, n_workers: int, optim: OptimConfig, dtype: torch.dtype, seed: int, *,
+                 topology: str = "star", ratio: float = 0.016, k: int = 0) -> Setting:
+    """The workers' setting. star: one compressor over the whole vector. sharded: one per slice
+    (compress.Sliced), one slice per worker."""
+    if topology != "sharded":
+        up, down = (compress.make(compressor, d, ratio=ratio, k=k) for _ in range(2))
+        return Setting(d, n_workers, up, down, optim, dtype, seed)
+    if d < n_workers:
+        raise CdmpiError(f"comm.topology = 'sharded' cuts the vector into one slice per worker, but d = {d} "
+                         f"is less than the {n_workers} workers; use comm.topology = 'star'")
+    up, down = (compress.Sliced.make(compressor, d, n_workers, ratio=ratio, k=k) for _ in range(2))
+    return Setting(d, n_workers, up, down, optim, dtype, seed, compress.Sliced.make("identity", d, n_workers))
+
+
+def slice_setting(s: Setting, index: int) -> Setting:
+    """What the server of slice `index` of a sharded setting sees: that slice's compressors and dimension."""
+    up = s.up.slice_of(index)
+    return Setting(up.d, s.n_workers, up, s.down.slice_of(index), s.optim, s.dtype, s.seed, s.full.slice_of(index))
 
 
 def same_frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:

@@ -5,6 +5,7 @@ Workers call ``DistributedOptimizer(model, transport, ...)`` and use it like a t
 Both sides must get the same options (algorithm, compressor, seed, dtype follow the model) and the same
 number of steps. The model's parameters become views into one flat vector, so nothing is copied between
 the network and the algorithm. The transport is passed in: ``MPITransport(comm)`` for your communicator.
+With ``topology="sharded"`` the workers serve the slices among themselves and ``serve`` only counts bytes.
 """
 
 from __future__ import annotations
@@ -32,18 +33,20 @@ class Options:
     ratio: float = 0.016  # top-k / random-k: k = ratio * d
     seed: int = 0
     cuda_aware: str = "auto"
+    topology: str = "star"  # star: rank 0 aggregates; sharded: worker s serves slice s (README)
 
 
 def _setting(model_or_d, transport, options: Options, device, dtype):
+    if options.topology not in ("star", "sharded"):
+        raise CdmpiError(f"topology must be 'star' or 'sharded', got {options.topology!r}")
     d = model_or_d if isinstance(model_or_d, int) else sum(p.numel() for p in model_or_d.parameters())
     compressor = algorithms.compressor_for(options.algorithm, options.compressor)
-    up = compress.make(compressor, d, ratio=options.ratio)
-    down = compress.make(compressor, d, ratio=options.ratio)
     algorithm = algorithms.get(options.algorithm, compressor)
     optim = OptimConfig(algorithm=options.algorithm, lr=options.lr, beta1=options.beta1, beta2=options.beta2,
                         nu=options.nu, weight_decay=options.weight_decay)
     transport.configure(options.cuda_aware, device)
-    return algorithm, algorithms.Setting(d, transport.n_workers, up, down, optim, dtype, options.seed)
+    return algorithm, algorithms.make_setting(compressor, d, transport.n_workers, optim, dtype, options.seed,
+                                              topology=options.topology, ratio=options.ratio)
 
 
 class _FrameBuffers:
@@ -52,8 +55,8 @@ class _FrameBuffers:
     def __init__(self, device, rows: int):
         self.device, self.rows, self.cache = device, rows, {}
 
-    def get(self, algorithm) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (algorithm.up_nbytes, algorithm.down_nbytes)
+    def get(self, up: compress.Compressor, down: compress.Compressor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (up.frame_nbytes, down.frame_nbytes)
         if key not in self.cache:
             self.cache[key] = (torch.zeros(self.rows, key[0], dtype=torch.uint8, device=self.device),
                                torch.zeros(key[1], dtype=torch.uint8, device=self.device))
@@ -72,8 +75,13 @@ class DistributedOptimizer:
         self.flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
         self.flat_grad = torch.zeros_like(self.flat)
         flatten_(model, self.flat, self.flat_grad)
-        algorithm, setting = _setting(self.flat.numel(), transport, self.options, first.device, first.dtype)
-        self.worker = algorithm.worker(setting, transport.worker_indices[0], first.device)
+        self.algorithm, self.setting = _setting(self.flat.numel(), transport, self.options, first.device,
+                                                first.dtype)
+        index = transport.worker_indices[0]
+        self.worker = self.algorithm.worker(self.setting, index, first.device)
+        self.slice_server = None  # sharded: this worker serves slice `index`
+        if self.options.topology == "sharded":
+            self.slice_server = self.algorithm.server(algorithms.slice_setting(self.setting, index), first.device)
         self.frames = _FrameBuffers(first.device, 1)
         self.steps = 0
 
@@ -83,15 +91,25 @@ class DistributedOptimizer:
     def step(self, lr: float | None = None) -> None:
         if self.options.weight_decay:
             self.flat_grad.add_(self.flat, alpha=self.options.weight_decay)
-        up, down = self.frames.get(self.worker)
+        up_compressor, down_compressor = self.algorithm.worker.frames(self.setting, self.steps)
+        up, down = self.frames.get(up_compressor, down_compressor)
         self.worker.encode(self.flat_grad, up[0])
-        self.transport.gather_frames(up)
-        self.transport.broadcast(down)
+        if self.slice_server is None:
+            self.transport.gather_frames(up)
+            self.transport.broadcast(down)
+        else:
+            s = self.transport.worker_indices[0]
+            part = self.transport.scatter_slices(up, up_compressor.slice_nbytes)[s]
+            self.slice_server.aggregate(part, down[down_compressor.offsets[s]:down_compressor.offsets[s + 1]])
+            self.transport.allgather_slices(down, down_compressor.slice_nbytes)
         self.worker.update(self.flat, down, self.options.lr if lr is None else lr)
         self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"params": self.flat.clone(), "algorithm": self.worker.state_dict(), "steps": self.steps}
+        state = {"params": self.flat.clone(), "algorithm": self.worker.state_dict(), "steps": self.steps}
+        if self.slice_server is not None:
+            state["slice_server"] = self.slice_server.state_dict()
+        return state
 
 
 def serve(model_or_d, transport, steps: int, options: Options = Options(), device="cpu", **overrides) -> dict:
@@ -101,11 +119,17 @@ def serve(model_or_d, transport, steps: int, options: Options = Options(), devic
     options = Options(**{**options.__dict__, **overrides})
     dtype = torch.float32 if isinstance(model_or_d, int) else next(model_or_d.parameters()).dtype
     algorithm, setting = _setting(model_or_d, transport, options, torch.device(device), dtype)
+    up_nbytes = down_nbytes = 0
+    if options.topology == "sharded":  # the workers exchange and aggregate the slices among themselves
+        for t in range(steps):
+            up, down = algorithm.worker.frames(setting, t)
+            up_nbytes += transport.n_workers * up.frame_nbytes
+            down_nbytes += transport.n_workers * down.frame_nbytes
+        return {"steps": steps, "up_nbytes": up_nbytes, "down_nbytes": down_nbytes}
     server = algorithm.server(setting, device)
     frames = _FrameBuffers(device, 0)
-    up_nbytes = down_nbytes = 0
-    for _ in range(steps):
-        up, down = frames.get(server)
+    for t in range(steps):
+        up, down = frames.get(*algorithm.worker.frames(setting, t))
         server.aggregate(transport.gather_frames(up), down)
         transport.broadcast(down)
         up_nbytes += transport.n_workers * up.shape[1]

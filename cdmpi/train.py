@@ -89,13 +89,14 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
     algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     sharded = cfg.comm.topology == "sharded"
-    setting = _setting(cfg, compressor, built.d, n, dtype)
+    setting = algorithms.make_setting(compressor, built.d, n, cfg.optim, dtype, cfg.run.seed,
+                                      topology=cfg.comm.topology, ratio=cfg.compress.ratio, k=cfg.compress.k)
     workers = [WorkerRuntime(i, built.shards[i], algorithm.worker(setting, i, worker_device), built.x0,
                              batch_size=cfg.data.batch_size, seed=cfg.run.seed, device=worker_device)
                for i in transport.worker_indices]
     slice_servers = {}
     if sharded:  # worker s serves slice s, on the worker's device
-        slice_servers = {s: algorithm.server(_slice_setting(setting, s), worker_device)
+        slice_servers = {s: algorithm.server(algorithms.slice_setting(setting, s), worker_device)
                          for s in transport.slices_served(n)}
     server = None
     if transport.is_server:
@@ -116,28 +117,6 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
     if out is not None:
         open_metrics(session, out, overwrite=overwrite)
     return session
-
-
-def _setting(cfg: Config, compressor: str, d: int, n: int, dtype: torch.dtype) -> algorithms.Setting:
-    """Star: one compressor over the whole vector. Sharded: one per slice (compress.Sliced), n slices."""
-    kwargs = {"ratio": cfg.compress.ratio, "k": cfg.compress.k}
-    if cfg.comm.topology != "sharded":
-        up, down = compress.make(compressor, d, **kwargs), compress.make(compressor, d, **kwargs)
-        return algorithms.Setting(d, n, up, down, cfg.optim, dtype, cfg.run.seed)
-    if d < n:
-        raise CdmpiError(f"comm.topology = 'sharded' cuts the vector into one slice per worker, but d = {d} "
-                         f"is less than the {n} workers; use comm.topology = 'star'")
-    up = compress.Sliced.make(compressor, d, n, **kwargs)
-    down = compress.Sliced.make(compressor, d, n, **kwargs)
-    full = compress.Sliced.make("identity", d, n)
-    return algorithms.Setting(d, n, up, down, cfg.optim, dtype, cfg.run.seed, full)
-
-
-def _slice_setting(s: algorithms.Setting, index: int) -> algorithms.Setting:
-    """What the server of slice `index` sees: that slice's compressors and dimension."""
-    up = s.up.slice_of(index)
-    return algorithms.Setting(up.d, s.n_workers, up, s.down.slice_of(index), s.optim, s.dtype, s.seed,
-                              s.full.slice_of(index))
 
 
 def open_metrics(session: Session, out: str | Path, *, overwrite: bool = False,

@@ -1,4 +1,7 @@
-"""Your own model with CD-Adam: `mpiexec -n 3 python examples/custom_model.py` (1 server + 2 workers)."""
+"""Your own model with CD-Adam: `mpiexec -n 3 python examples/custom_model.py [sharded]` (1 server + 2 workers;
+`sharded`: the workers aggregate slices of the vector among themselves)."""
+import sys
+
 import torch
 from cdmpi.api import DistributedOptimizer, serve
 from cdmpi.transport import MPITransport
@@ -7,10 +10,12 @@ transport = MPITransport.from_world()  # rank 0: server; ranks 1..n: workers
 torch.manual_seed(0)  # every rank starts from the same model
 model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
 STEPS, w = 200, torch.randn(10, 1)
+topology = sys.argv[1] if len(sys.argv) > 1 else "star"
 if transport.is_server:
-    print("server:", serve(model, transport, STEPS, lr=0.01))
+    print("server:", serve(model, transport, STEPS, lr=0.01, topology=topology))
 else:
-    opt, data = DistributedOptimizer(model, transport, lr=0.01), torch.Generator().manual_seed(transport.rank)
+    opt = DistributedOptimizer(model, transport, lr=0.01, topology=topology)
+    data = torch.Generator().manual_seed(transport.rank)
     for step in range(STEPS):
         x = torch.randn(64, 10, generator=data)
         loss = torch.nn.functional.mse_loss(model(x), x @ w)

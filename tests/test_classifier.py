@@ -205,7 +205,8 @@ def test_wrn16_4_under_mpi_matches_in_process_bit_for_bit(tmp_path):
     assert np.all(np.isfinite(a["train"]["loss"]))
 
 
-def test_custom_model_example_under_mpiexec(tmp_path):
+@pytest.mark.parametrize("topology", ["star", "sharded"])
+def test_custom_model_example_under_mpiexec(tmp_path, topology):
     import subprocess
     import sys
 
@@ -215,7 +216,7 @@ def test_custom_model_example_under_mpiexec(tmp_path):
     hydra = "HYDRA" in subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout
     # Ranks writing to one pipe can splice lines: with MPICH's Hydra, one output file per rank.
     per_rank = ["-outfile-pattern", str(tmp_path / "out.%r.txt")] if hydra else []
-    cmd = [mpiexec, *per_rank, "-n", "3", sys.executable, str(REPO / "examples" / "custom_model.py")]
+    cmd = [mpiexec, *per_rank, "-n", "3", sys.executable, str(REPO / "examples" / "custom_model.py"), topology]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     stdout = "".join((tmp_path / f"out.{rank}.txt").read_text() for rank in range(3)) if hydra else r.stdout
@@ -225,7 +226,9 @@ def test_custom_model_example_under_mpiexec(tmp_path):
     assert set(final) == {"0", "1"}, stdout
     assert final["0"][1] == final["1"][1]  # both workers hold the same parameters
     assert all(final[w][0] < 0.5 * first[w] for w in final)
-    assert "server:" in stdout
+    # d = 385: one scale and 49 sign bytes per frame (star), or two slices of 192 and 193 (sharded)
+    frame = {"star": 4 + 49, "sharded": (4 + 24) + (4 + 25)}[topology]
+    assert f"'up_nbytes': {200 * 2 * frame}," in stdout, stdout
 
 
 def test_cifar10_configs_hold_the_section_7_2_setup():

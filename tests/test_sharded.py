@@ -130,15 +130,12 @@ def sliced_reference_compressors(monkeypatch):
 def sharded_package(name, compressor, a, b, x0):
     """The package's workers with Sliced compressors and SLICES slice servers, stepped as train.run's
     sharded branch steps them (slice s of every up frame to server s, which writes slice s of the down frame)."""
-    up = compress.Sliced.make(compressor, ref.D, SLICES, k=ref.K)
-    down = compress.Sliced.make(compressor, ref.D, SLICES, k=ref.K)
-    full = compress.Sliced.make("identity", ref.D, SLICES)
-    setting = algorithms.Setting(ref.D, ref.N_WORKERS, up, down, ref.OPTIM, torch.float64, ref.SEED, full)
+    assert SLICES == ref.N_WORKERS  # one slice per worker
+    setting = algorithms.make_setting(compressor, ref.D, ref.N_WORKERS, ref.OPTIM, torch.float64, ref.SEED,
+                                      topology="sharded", k=ref.K)
     algorithm = algorithms.get(name, compressor)
     workers = [algorithm.worker(setting, i) for i in range(ref.N_WORKERS)]
-    servers = [algorithm.server(algorithms.Setting(up.parts[s].d, ref.N_WORKERS, up.slice_of(s), down.slice_of(s),
-                                                   ref.OPTIM, torch.float64, ref.SEED, full.slice_of(s)))
-               for s in range(SLICES)]
+    servers = [algorithm.server(algorithms.slice_setting(setting, s)) for s in range(SLICES)]
     params = [torch.tensor(x0) for _ in range(ref.N_WORKERS)]
     xs = []
     for t in range(ref.STEPS):
