@@ -22,11 +22,15 @@ def main(runs_dir: str, out_dir: str) -> None:
         r = metrics.read(path)
         ev, attrs = r["eval"], r["attrs"]
         optim = json.loads(attrs["config"])["optim"]
-        label = f"{attrs['algorithm']} ({attrs['compressor']}, lr {optim['lr']:g}, nu {optim['nu']:g})"
+        sharded = ", sharded" if attrs.get("topology") == "sharded" else ""
+        label = f"{attrs['algorithm']} ({attrs['compressor']}{sharded}, lr {optim['lr']:g}, nu {optim['nu']:g})"
         bits = ev["bits_up"] + ev["bits_down"]
         by_bits.plot(bits[1:], ev["accuracy"][1:], label=label)
         by_steps.plot(ev["step"], ev["accuracy"], label=label)
         hit = [i for i, a in enumerate(ev["accuracy"]) if a >= TARGET]
+        last, planned = int(r["train"]["step"][-1]), int(attrs["steps"])
+        if last < planned:  # stopped early: cdmpi ends a run at its first non-finite gradient
+            label += f" (stopped by a non-finite gradient; last row at step {last})"
         rows.append((label, ev["accuracy"][-1], ev["accuracy"].max(), r["train"]["loss"][-1], int(bits[-1]),
                      int(ev["step"][hit[0]]) if hit else None, int(bits[hit[0]]) if hit else None))
     by_bits.set_xscale("log")
@@ -39,7 +43,7 @@ def main(runs_dir: str, out_dir: str) -> None:
     fig.suptitle("Small CNN on scikit-learn digits, 4 workers, 60 epochs")
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "accuracy.png", dpi=120)
-    lines = ["| method | final test accuracy | best | final train loss | total bits | steps to 90% | bits to 90% |",
+    lines = ["| method | last test accuracy | best | final train loss | total bits | steps to 90% | bits to 90% |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, final, best, loss, bits, steps90, bits90 in rows:
         lines.append(f"| {label} | {final:.4f} | {best:.4f} | {loss:.4f} | {bits:.3e} | "
