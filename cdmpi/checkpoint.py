@@ -16,7 +16,9 @@ name the files, so a checkpoint of an MPI run resumes in process and the other w
 
 Writing is collective: every process writes its files into ``step-<t>.tmp/`` and reports their sizes and
 sha256; the server writes the manifest and renames the directory. A directory named ``step-<t>`` is
-therefore complete, and a crash while writing leaves the previous checkpoint as it was.
+therefore complete, and a crash while writing leaves the previous checkpoint as it was. Reading is
+collective too: the server checks the manifest and the file sizes, and every process checks the sha256 of
+the files it loads, so a resume hashes the state in parallel, each file once.
 """
 
 from __future__ import annotations
@@ -160,8 +162,10 @@ def remove_all(root: Path) -> None:
 
 # ---- reading ------------------------------------------------------------------------------------------
 
-def validate(path: Path) -> dict:
-    """The manifest of a complete, undamaged checkpoint; CdmpiError naming the bad file otherwise."""
+def validate(path: Path, hash_files: bool = True) -> dict:
+    """The manifest of a complete, undamaged checkpoint; CdmpiError naming the bad file otherwise.
+    hash_files=False checks the manifest and every file's presence and size only (restore leaves the
+    sha256 of each file to the rank that loads it)."""
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -178,13 +182,18 @@ def validate(path: Path) -> dict:
         file = path / name
         if not file.is_file():
             raise CdmpiError(f"checkpoint file {file} is missing")
-        data = file.read_bytes()
-        if len(data) != info["nbytes"]:
-            raise CdmpiError(f"checkpoint file {file} is truncated or corrupt: {len(data)} bytes, "
+        size = file.stat().st_size
+        if size != info["nbytes"]:
+            raise CdmpiError(f"checkpoint file {file} is truncated or corrupt: {size} bytes, "
                              f"the manifest says {info['nbytes']}")
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            raise CdmpiError(f"checkpoint file {file} is corrupt: its sha256 differs from the manifest's")
+        if hash_files:
+            _check_sha256(file, file.read_bytes(), info)
     return manifest
+
+
+def _check_sha256(file: Path, data: bytes, info: dict) -> None:
+    if hashlib.sha256(data).hexdigest() != info["sha256"]:
+        raise CdmpiError(f"checkpoint file {file} is corrupt: its sha256 differs from the manifest's")
 
 
 def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, world_size: int, d: int) -> None:
@@ -236,34 +245,112 @@ def resolve(spec: str, root: Path, cfg: Config, n_workers: int, world_size: int,
     return None
 
 
+def _candidates(spec: str, root: Path, warn=None) -> tuple[list[tuple[Path, dict]], bool]:
+    """The checkpoints restore may try, newest first, each complete with every file at its size, and whether
+    the choice is strict (spec names one step-* directory: it must be usable; otherwise an unusable one is
+    skipped with a warning, as for auto)."""
+    path = Path(spec) if spec != "auto" else root
+    if spec != "auto" and STEP_DIR.match(path.name):
+        if not path.is_dir():
+            raise CdmpiError(f"checkpoint {path} not found")
+        return [(path, validate(path, hash_files=False))], True
+    found = []
+    candidates = list_checkpoints(path)
+    for candidate in candidates:
+        try:
+            found.append((candidate, validate(candidate, hash_files=False)))
+        except CdmpiError as err:
+            if warn is not None:
+                warn(f"{err}; trying an older checkpoint")
+    if not found and spec != "auto":
+        what = "no valid checkpoint" if candidates else "no checkpoint (step-* directory)"
+        raise CdmpiError(f"--resume {spec}: {what} found in {path}")
+    return found, False
+
+
+def _read_own(session, path: Path, manifest: dict) -> tuple[dict, str | None]:
+    """This process's files of one checkpoint, each checked against its sha256 and unpickled (not yet
+    applied): ({name: state}, None), or ({}, what is wrong). Never raises: the ranks must all reach the
+    collective that follows."""
+    states = {}
+    step = int(manifest["step"])
+    try:
+        for name, (role, _) in _roles(session).items():
+            file = path / name
+            info = manifest["files"].get(name)
+            if info is None:
+                return {}, f"checkpoint {path} has no {name} (its manifest lists {', '.join(manifest['files'])})"
+            data = file.read_bytes()
+            _check_sha256(file, data, info)
+            try:
+                loaded = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+                return {}, f"checkpoint file {file} is unreadable: {type(err).__name__}: {err}"
+            if not isinstance(loaded, dict) or loaded.get("role") != role or loaded.get("step") != step:
+                return {}, f"checkpoint file {file} does not hold the {role} state of step {step}"
+            states[name] = loaded["state"]
+    except CdmpiError as err:
+        return {}, str(err)
+    except Exception as err:  # noqa: BLE001
+        return {}, f"checkpoint {path}: {type(err).__name__}: {err}"
+    return states, None
+
+
 def restore(session, spec: str, root: Path, warn=None) -> int | None:
-    """Collective: the server picks the checkpoint, every process loads its own files. Returns the step
-    to start from, or None when `auto` found no checkpoint (a fresh start)."""
+    """Collective: the server lists the checkpoints to try (manifests and file sizes), then for each, newest
+    first, every process checks the sha256 of its own files and reads them, in parallel; the first
+    checkpoint that every process could read is applied. Returns the step to start from, or None when
+    `auto` found no usable checkpoint (a fresh start)."""
     transport = session.transport
-    choice = None
+    plan = None
     if transport.is_server:
         try:
-            found = resolve(spec, root, session.cfg, transport.n_workers, transport.world_size, session.d, warn)
-            choice = ("ok", None) if found is None else ("ok", (str(found[0]), int(found[1]["step"])))
+            found, strict = _candidates(spec, root, warn)
+            plan = ("ok", ([(str(p), m) for p, m in found], strict))
         except Exception as err:  # every rank must get an answer, whatever failed
-            choice = ("error", str(err) if isinstance(err, CdmpiError) else f"{type(err).__name__}: {err}")
-    status, value = transport.share(choice)
+            plan = ("error", _message(err))
+    status, value = transport.share(plan)
     if status == "error":
-        raise CdmpiError(value) if transport.is_server else CdmpiError("see the server's error")
-    if value is None:
-        return None
-    path, step = Path(value[0]), value[1]
-    for name, (role, runtime) in _roles(session).items():
-        file = path / name
-        try:
-            loaded = torch.load(file, weights_only=True, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-            raise CdmpiError(f"checkpoint file {file} is unreadable: {type(err).__name__}: {err}") from None
-        if not isinstance(loaded, dict) or loaded.get("role") != role or loaded.get("step") != step:
-            raise CdmpiError(f"checkpoint file {file} does not hold the {role} state of step {step}")
-        try:
-            runtime.load_state_dict(loaded["state"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as err:
-            raise CdmpiError(f"checkpoint file {file} does not fit this run: {type(err).__name__}: {err}") \
-                from None
-    return step
+        raise CdmpiError(value if transport.is_server else "see the server's error")
+    found, strict = value
+    for path_text, manifest in found:
+        path = Path(path_text)
+        verdict = None
+        if transport.is_server:
+            try:
+                check_compatible(path, manifest, session.cfg, transport.n_workers, transport.world_size, session.d)
+                verdict = "ok"
+            except Exception as err:
+                verdict = _message(err)
+        verdict = transport.share(verdict)
+        if verdict != "ok":
+            raise CdmpiError(verdict if transport.is_server else "see the server's error")
+        states, error = _read_own(session, path, manifest)
+        errors = transport.collect(error)
+        decision = None
+        if transport.is_server:
+            bad = next((e for e in errors if e is not None), None)
+            decision = "use" if bad is None else ("error", bad) if strict else "next"
+            if decision == "next" and warn is not None:
+                warn(f"{bad}; trying an older checkpoint")
+        decision = transport.share(decision)
+        if decision == "next":
+            continue
+        if decision != "use":
+            raise CdmpiError(decision[1] if transport.is_server else "see the server's error")
+        for name, (role, runtime) in _roles(session).items():
+            try:
+                runtime.load_state_dict(states[name])
+            except (KeyError, RuntimeError, TypeError, ValueError) as err:
+                raise CdmpiError(f"checkpoint file {path / name} does not fit this run: "
+                                 f"{type(err).__name__}: {err}") from None
+        return int(manifest["step"])
+    if spec != "auto" and transport.is_server:
+        raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}")
+    if spec != "auto":
+        raise CdmpiError("see the server's error")
+    return None
+
+
+def _message(err: Exception) -> str:
+    return str(err) if isinstance(err, CdmpiError) else f"{type(err).__name__}: {err}"

@@ -207,6 +207,29 @@ def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, cfg_path, r
     assert_same_run(out, reference)
 
 
+def test_corrupt_file_is_caught_by_the_rank_that_loads_it(tmp_path, cfg_path, reference):
+    """Same size, one flipped byte: only the sha256 tells, and the worker rank that owns the file checks it
+    (the server checks sizes). Named when the checkpoint is given; auto falls back to the previous one."""
+    out = tmp_path / "run.h5"
+    root = out.with_suffix(".ckpt")
+    r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--set", "run.steps=30"])
+    assert r.returncode == 0, r.stderr
+    damaged = checkpoint.step_dir(root, 30) / "worker-0002.pt"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--resume", damaged.parent], ranks=RANKS)
+    assert r.returncode == 2
+    assert f"cdmpi: error: checkpoint file {damaged} is corrupt: its sha256 differs" in r.stderr, r.stderr
+
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--resume", "auto"], ranks=RANKS)
+    assert r.returncode == 0, r.stderr
+    assert str(damaged) in r.stderr and "trying an older checkpoint" in r.stderr
+    assert "resuming from checkpoint step 20" in r.stderr
+    assert_same_run(out, reference)
+
+
 def test_resume_refuses_other_world_size_dimension_and_config(tmp_path, cfg_path, capsys):
     out = tmp_path / "run.h5"
     train = ["train", str(cfg_path), "--backend", "local", "--out", str(out), "--quiet"]
