@@ -61,3 +61,28 @@ def test_quadratic_mpi_bytes_timing_and_projection(tmp_path):
 
     bad = run_cdmpi(["project", mpi, "--bandwidth", "ten"], timeout=60)
     assert bad.returncode == 2 and "--bandwidth" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_projection_of_a_sharded_run_uses_the_busiest_workers_bytes(tmp_path):
+    """The sharded model: the busiest link is a worker's, carrying the inbound bytes the run measured,
+    the aggregate is the workers' slice work, and each collective costs n - 1 latencies."""
+    cfg = tmp_path / "q.toml"
+    cfg.write_text(QUADRATIC)
+    mpi = tmp_path / "sharded.h5"
+    result = run_cdmpi(["train", cfg, "--set", 'comm.topology="sharded"', "--out", mpi, "--quiet"],
+                       ranks=N + 1, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(mpi) as fh:
+        inbound = fh["comm/inbound_nbytes_per_step"][()]
+        t = {k: fh["timing"][k][()] for k in fh["timing"]}
+    slices = [4 + (500 + 7) // 8, 4 + (501 + 7) // 8]  # d = 1001 in two slices
+    # worker s receives its own slice of the other worker's up frame and the other slice of the down frame
+    assert inbound.tolist() == [0, slices[0] + slices[1], slices[1] + slices[0]]
+    result = run_cdmpi(["project", mpi, "--bandwidth", "10", "--latency", "1e-5", "--json"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    sharded, _ = json.loads(result.stdout)
+    assert sharded["model"] == "sharded (as measured)" and sharded["link_bytes"] == inbound.max()
+    fixed = (t["worker_compute"].mean() + t["worker_encode"].mean() + t["worker_aggregate"].mean()
+             + t["worker_update"].mean())
+    expected = fixed + 2 * (N - 1) * 1e-5 + inbound.max() * 8 / 10e9
+    np.testing.assert_allclose(sharded["10 Gbit/s ms"], 1e3 * expected, rtol=1e-9)
