@@ -254,7 +254,8 @@ def run(session: Session, progress: bool = False) -> dict | None:
             evaluate = is_eval_step(t, session)
             log = is_log_step(t, cfg) or evaluate
             shares = [w.compute(log, evaluate) for w in session.workers]  # gradient at x_t
-            check_finite(session, t)
+            if not log:  # on log steps the server finds it in the shares, and keeps its rows when it stops
+                check_finite(session, t)
             timer.lap("compute" if t < steps else "metrics")  # at step T the gradient only feeds the last row
             if log:
                 width = session.d + 1 if session.share_layout == "gradient" else TRAIN_SHARE + EVAL_SHARE * evaluate
