@@ -54,7 +54,7 @@ reproduce-digits: install
 gpu-check: install
 	PYTHON=$(PY) bench/gpu_check.sh results/gpu
 
-# The seven benchmarks of results/bench/ (about 15 minutes on 2 cores), then results/bench/README.md.
+# The seven benchmarks of results/bench/ (about 10 minutes on 2 cores), then results/bench/README.md.
 bench: install
 	PYTHON=$(PY) MPIEXEC=$(BIN)/mpiexec bench/run_all.sh
 

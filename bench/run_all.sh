@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the seven benchmarks one after the other and rebuilds results/bench/README.md (about 15 minutes on
+# Runs the seven benchmarks one after the other and rebuilds results/bench/README.md (about 10 minutes on
 # 2 cores). Usage: bench/run_all.sh  (from anywhere; uses .venv unless PYTHON and MPIEXEC are set)
 #   BASELINE=DIR  also time benchmark 6 on another cdmpi checkout (e.g. a worktree of an older commit)
 set -euo pipefail
