@@ -111,6 +111,10 @@ def setup(cfg: Config, transport, *, out: str | Path | None, overwrite: bool = F
              "problem": built.description, "up_frame_nbytes": up.frame_nbytes,
              "down_frame_nbytes": down.frame_nbytes, "steps": cfg.run.steps,
              "steps_per_epoch": built.steps_per_epoch}
+    first_up, first_down = algorithm.worker.frames(setting, 0)
+    if (first_up.frame_nbytes, first_down.frame_nbytes) != (up.frame_nbytes, down.frame_nbytes):
+        # onebit-adam's fp32 warm-up frames come first; up/down_frame_nbytes are the frames after it
+        attrs.update(warmup_up_frame_nbytes=first_up.frame_nbytes, warmup_down_frame_nbytes=first_down.frame_nbytes)
     session = Session(cfg, transport, built.d, workers, server, built.description, frame_device,
                       built.steps_per_epoch, built.share_layout, attrs=attrs, algorithm=algorithm,
                       setting=setting, slice_servers=slice_servers)

@@ -31,3 +31,4 @@ def test_mpi_matches_local_for_every_algorithm(tmp_path, small_config, name, com
     if (name, compressor) == ("onebit-adam", "auto"):
         d = 20  # 2 workers x (5 fp32 frames of 4d bytes + 7 scaled-sign frames of 4 + ceil(d/8) bytes)
         assert a["train"]["bits_up"][-1] == 8 * 2 * (5 * 4 * d + 7 * (4 + (d + 7) // 8))
+        assert (b["attrs"]["warmup_up_frame_nbytes"], b["attrs"]["up_frame_nbytes"]) == (4 * d, 4 + (d + 7) // 8)
