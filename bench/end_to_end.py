@@ -36,12 +36,10 @@ def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, ou
         "comm": {"topology": topology, "wait": wait},
     })
     session = train.setup(cfg, transport, out=out, overwrite=True)
-    transport.frame_nbytes.update(gather=0, broadcast=0)
     transport.inbound_nbytes = transport.outbound_nbytes = 0
     train.run(session)
-    counted = transport.gather_stats(torch.tensor([[float(transport.frame_nbytes["gather"]),
-                                                    float(transport.frame_nbytes["broadcast"]),
-                                                    float(transport.inbound_nbytes)]],
+    # Each worker's frame bytes (sent, received), from the buffers and counts it handed to MPI
+    counted = transport.gather_stats(torch.tensor([[float(transport.outbound_nbytes), float(transport.inbound_nbytes)]],
                                                   dtype=torch.float64)[: len(session.workers)])
     if not transport.is_server:
         return None
@@ -50,10 +48,11 @@ def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, ou
     formula = (n * up_c.frame_nbytes, n * down_c.frame_nbytes)
     if topology == "sharded":  # worker s receives the n - 1 other slices of each frame
         inbound = [(n - 1) * up_c.slice_nbytes[s] + down_c.frame_nbytes - down_c.slice_nbytes[s] for s in range(n)]
-        measured = counted[:, 2].div(steps).tolist()
+        measured = counted[:, 1].div(steps).tolist()
         assert measured == inbound, (measured, inbound)
         return formula
-    measured = (transport.frame_nbytes["gather"] / steps, counted[:, 1].sum().item() / steps)
+    # star: the server receives the n frames (Gather), each worker its copy of the down frame (Bcast)
+    measured = (transport.inbound_nbytes / steps, counted[:, 1].sum().item() / steps)
     worker_sent = counted[:, 0].sum().item() / steps
     assert measured == formula and worker_sent == formula[0], (measured, worker_sent, formula)
     return measured

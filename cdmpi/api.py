@@ -19,6 +19,7 @@ from . import algorithms, compress
 from .config import OptimConfig
 from .errors import CdmpiError
 from .problems.classifier import flatten_
+from .transport import sharded_exchange
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,8 @@ class DistributedOptimizer:
             self.transport.gather_frames(up)
             self.transport.broadcast(down)
         else:
-            s = self.transport.worker_indices[0]
-            part = self.transport.scatter_slices(up, up_compressor.slice_nbytes)[s]
-            self.slice_server.aggregate(part, down[down_compressor.offsets[s]:down_compressor.offsets[s + 1]])
-            self.transport.allgather_slices(down, down_compressor.slice_nbytes)
+            sharded_exchange(self.transport, {self.transport.worker_indices[0]: self.slice_server}, up, down,
+                             up_compressor, down_compressor)
         self.worker.update(self.flat, down, self.options.lr if lr is None else lr)
         self.steps += 1
 

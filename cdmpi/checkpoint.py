@@ -219,29 +219,22 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, wo
 
 def resolve(spec: str, root: Path, cfg: Config, n_workers: int, world_size: int, d: int,
             warn=None) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from (server only). spec 'auto': the newest valid one under root, or None
-    when there is none; damaged ones are skipped with a warning. Otherwise spec is a checkpoint directory
-    (which must be valid) or a root holding checkpoint directories (treated like auto, but one must exist)."""
-    path = Path(spec) if spec != "auto" else root
-    if spec != "auto" and STEP_DIR.match(path.name):
-        if not path.is_dir():
-            raise CdmpiError(f"checkpoint {path} not found")
-        manifest = validate(path)
-        check_compatible(path, manifest, cfg, n_workers, world_size, d)
-        return path, manifest
-    candidates = list_checkpoints(path)
-    for candidate in candidates:
+    """The checkpoint to resume from, checked in one process (every file's sha256 here): what restore
+    chooses, without MPI. spec as for restore; None when `auto` finds no usable checkpoint."""
+    found, strict = _candidates(spec, root, warn)
+    for path, manifest in found:
         try:
-            manifest = validate(candidate)
+            validate(path)
         except CdmpiError as err:
+            if strict:
+                raise
             if warn is not None:
                 warn(f"{err}; trying an older checkpoint")
             continue
-        check_compatible(candidate, manifest, cfg, n_workers, world_size, d)
-        return candidate, manifest
+        check_compatible(path, manifest, cfg, n_workers, world_size, d)
+        return path, manifest
     if spec != "auto":
-        what = "no valid checkpoint" if candidates else "no checkpoint (step-* directory)"
-        raise CdmpiError(f"--resume {spec}: {what} found in {path}")
+        raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}")
     return None
 
 
@@ -345,10 +338,9 @@ def restore(session, spec: str, root: Path, warn=None) -> int | None:
                 raise CdmpiError(f"checkpoint file {path / name} does not fit this run: "
                                  f"{type(err).__name__}: {err}") from None
         return int(manifest["step"])
-    if spec != "auto" and transport.is_server:
-        raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}")
     if spec != "auto":
-        raise CdmpiError("see the server's error")
+        raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}" if transport.is_server
+                         else "see the server's error")
     return None
 
 

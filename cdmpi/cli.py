@@ -31,7 +31,8 @@ def _train_parser(sub) -> None:
                     "configs/cifar10; writes an HDF5 group eval with test loss and accuracy every epoch). "
                     "Devices: comm.worker_device, comm.server_device, comm.cuda_aware = auto | true | false. "
                     "comm.topology = star (rank 0 aggregates) | sharded (worker s serves slice s of the "
-                    "vector, one compressor scale per slice; rank 0 only logs). "
+                    "vector, one compressor scale per slice; rank 0 only logs). comm.wait = auto | spin | sleep "
+                    "(sleep: waiting ranks give their core away, for ranks that share cores). "
                     f"Exit codes: 0 done; {EXIT_FAILURE} failed during training (every rank ends); "
                     f"{EXIT_BAD_INPUT} bad input; {EXIT_STOPPED} stopped by SIGTERM after a checkpoint.",
         epilog="algorithms (optim.algorithm; compressors it takes, the first is its default for "

@@ -71,8 +71,8 @@ class ServerRuntime:
 
     def state_dict(self) -> dict:
         # algorithm is None in the sharded topology: the slice servers' states are files of their own
-        return {"algorithm": self.algorithm.state_dict() if self.algorithm else {}, "bits_up": self.bits_up, "bits_down": self.bits_down,
-                "wall_time": time.perf_counter() - self.start_time}
+        return {"algorithm": self.algorithm.state_dict() if self.algorithm else {}, "bits_up": self.bits_up,
+                "bits_down": self.bits_down, "wall_time": time.perf_counter() - self.start_time}
 
     def load_state_dict(self, state: dict) -> None:
         if self.algorithm is not None:

@@ -20,6 +20,7 @@ from .metrics import EVAL_COLUMNS, MetricsWriter
 from .problems.classifier import EVAL_SHARE, TRAIN_SHARE
 from .server import ServerRuntime
 from .timing import PHASES, PhaseTimer
+from .transport import sharded_exchange
 from .worker import WorkerRuntime
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,9 +61,9 @@ class Session:
         worker lives (rank 0 of the sharded topology counts bits from them)."""
         return self.algorithm.worker.frames(self.setting, step)
 
-    def frame_buffers(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(len(workers), up_nbytes) and (down_nbytes,) uint8 buffers on this process's frame device."""
-        up_nbytes, down_nbytes = (c.frame_nbytes for c in self.frame_compressors(step))
+    def frame_buffers(self, up: compress.Compressor, down: compress.Compressor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(len(workers), up frame nbytes) and (down frame nbytes,) uint8 buffers on this process's frame device."""
+        up_nbytes, down_nbytes = up.frame_nbytes, down.frame_nbytes
         if up_nbytes not in self._up:
             self._up[up_nbytes] = torch.zeros(len(self.workers), up_nbytes, dtype=torch.uint8, device=self.device)
         if down_nbytes not in self._down:
@@ -274,12 +275,16 @@ def run(session: Session, progress: bool = False) -> dict | None:
                 timer.lap("metrics")
             if t == steps:
                 break
-            up, down = session.frame_buffers(t)
+            up_compressor, down_compressor = session.frame_compressors(t)
+            up, down = session.frame_buffers(up_compressor, down_compressor)
             for i, worker in enumerate(session.workers):
                 worker.encode(up[i])
             timer.lap("encode")
             if session.sharded:
-                _exchange_sharded(session, t, up, down)
+                sharded_exchange(transport, session.slice_servers, up, down, up_compressor, down_compressor,
+                                 timer.lap)
+                if server is not None:  # rank 0 sees no frames; it counts what the workers send
+                    server.count_bits(transport.n_workers * up.shape[1], down.numel())
             else:
                 frames = transport.gather_frames(up)
                 timer.lap("gather")
@@ -305,23 +310,6 @@ def run(session: Session, progress: bool = False) -> dict | None:
         if server is not None and server.writer is not None:
             server.writer.close()
     return server.last_row if server is not None else None
-
-
-def _exchange_sharded(session: Session, t: int, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Slice s of every up frame to its server, each server's slice of the down frame to every worker.
-    The timer's phases keep their names: gather is the Alltoallv, broadcast the Allgatherv."""
-    transport, timer = session.transport, session.timer
-    up_compressor, down_compressor = session.frame_compressors(t)
-    parts = transport.scatter_slices(up, up_compressor.slice_nbytes)
-    timer.lap("gather")
-    offsets = down_compressor.offsets
-    for s, slice_server in session.slice_servers.items():
-        slice_server.aggregate(parts[s], down[offsets[s]:offsets[s + 1]])
-    if session.server is not None:  # rank 0 sees no frames; it counts what the workers send
-        session.server.count_bits(transport.n_workers * up_compressor.frame_nbytes, down_compressor.frame_nbytes)
-    timer.lap("aggregate")
-    transport.allgather_slices(down, down_compressor.slice_nbytes)
-    timer.lap("broadcast")
 
 
 def _record_timing(session: Session) -> None:

@@ -37,6 +37,7 @@ import ctypes
 import os
 import sys
 import time
+from itertools import accumulate
 
 import torch
 
@@ -55,10 +56,22 @@ def launched_by_mpi() -> bool:
 
 
 def _offsets(counts: list[int]) -> list[int]:
-    offsets = [0]
-    for c in counts:
-        offsets.append(offsets[-1] + c)
-    return offsets
+    return list(accumulate(counts, initial=0))
+
+
+def sharded_exchange(transport, slice_servers: dict, up: torch.Tensor, down: torch.Tensor, up_compressor,
+                     down_compressor, lap=lambda phase: None) -> None:
+    """One step of the sharded topology between encode and update: slice s of every up frame to its server
+    (Alltoallv), each server's slice of the down frame to every worker (Allgatherv). `lap(phase)` marks
+    the end of "gather", "aggregate" and "broadcast" for a PhaseTimer."""
+    parts = transport.scatter_slices(up, up_compressor.slice_nbytes)
+    lap("gather")
+    offsets = down_compressor.offsets
+    for s, slice_server in slice_servers.items():
+        slice_server.aggregate(parts[s], down[offsets[s]:offsets[s + 1]])
+    lap("aggregate")
+    transport.allgather_slices(down, down_compressor.slice_nbytes)
+    lap("broadcast")
 
 
 class LocalTransport:
@@ -151,11 +164,9 @@ class MPITransport:
         self._recv: dict[tuple, torch.Tensor] = {}
         self._check_table = torch.zeros(self.world_size, 2, dtype=torch.int64)
         self._host: dict[tuple, torch.Tensor] = {}
-        # Bytes of the frame buffers this rank handed to MPI: sent by Gather (a worker's frame) or received
-        # (the server's n frames), and the Bcast buffer (once per rank).
-        self.frame_nbytes = {"gather": 0, "broadcast": 0}
-        # Frame bytes this rank receives from other ranks, and sends to them, as the collectives define
-        # them (an MPI library's trees and rings may relay more): the load on this rank's link.
+        # Frame bytes this rank receives from other ranks, and sends to them, counted from the buffers and
+        # counts handed to MPI as the collectives define them (an MPI library's trees and rings may relay
+        # more): the load on this rank's link.
         self.inbound_nbytes = 0
         self.outbound_nbytes = 0
         # The workers' communicator of the sharded topology, made here because every rank constructs the
@@ -260,8 +271,7 @@ class MPITransport:
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None:
         """up: (n_local, nbytes) on this rank's frame device; the server passes a (0, nbytes) tensor."""
         frames = self._gather(up, self.path == "staged")
-        self.frame_nbytes["gather"] += (frames.numel() if self.is_server else up[0].numel())  # uint8 bytes
-        if self.is_server:
+        if self.is_server:  # uint8 bytes
             self.inbound_nbytes += frames.numel()
         else:
             self.outbound_nbytes += up[0].numel()
@@ -269,7 +279,6 @@ class MPITransport:
 
     def broadcast(self, down: torch.Tensor) -> None:
         self._arrive()
-        self.frame_nbytes["broadcast"] += down.numel()
         if self.is_server:
             self.outbound_nbytes += down.numel() * self.n_workers
         else:

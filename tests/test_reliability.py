@@ -187,47 +187,49 @@ def test_worker_killed_then_resumed_equals_uninterrupted_run(tmp_path, cfg_path,
 
 # ---- 3. a truncated checkpoint ---------------------------------------------------------------------------
 
-def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, cfg_path, reference):
+def run_30_steps_then_damage(tmp_path, cfg_path, name: str, damage) -> tuple[Path, Path]:
+    """(metrics file, damaged file): 30 in-process steps, then damage(bytes) rewrites one file of the newest
+    checkpoint (step 30; step 20 stays intact)."""
     out = tmp_path / "run.h5"
-    root = out.with_suffix(".ckpt")
     r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--set", "run.steps=30"])
     assert r.returncode == 0, r.stderr
-    damaged = checkpoint.step_dir(root, 30) / "worker-0001.pt"
-    damaged.write_bytes(damaged.read_bytes()[:100])
+    damaged = checkpoint.step_dir(out.with_suffix(".ckpt"), 30) / name
+    damaged.write_bytes(damage(damaged.read_bytes()))
+    return out, damaged
+
+
+def assert_auto_falls_back_to_step_20(cfg_path, out, damaged, reference) -> None:
+    r = run_cdmpi(["train", cfg_path, "--out", out, "--resume", "auto"], ranks=RANKS)
+    assert r.returncode == 0, r.stderr
+    assert str(damaged) in r.stderr and "trying an older checkpoint" in r.stderr
+    assert "resuming from checkpoint step 20" in r.stderr
+    assert_same_run(out, reference)
+
+
+def test_truncated_checkpoint_is_named_and_auto_falls_back(tmp_path, cfg_path, reference):
+    out, damaged = run_30_steps_then_damage(tmp_path, cfg_path, "worker-0001.pt", lambda data: data[:100])
 
     r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--resume", damaged.parent])
     assert r.returncode == 2
     assert str(damaged) in r.stderr and "truncated" in r.stderr
     assert r.stderr.count("\n") == 1, r.stderr  # one clear line, no traceback
-
-    r = run_cdmpi(["train", cfg_path, "--out", out, "--resume", "auto"], ranks=RANKS)
-    assert r.returncode == 0, r.stderr
-    assert str(damaged) in r.stderr and "trying an older checkpoint" in r.stderr
-    assert "resuming from checkpoint step 20" in r.stderr
-    assert_same_run(out, reference)
+    assert_auto_falls_back_to_step_20(cfg_path, out, damaged, reference)
 
 
 def test_corrupt_file_is_caught_by_the_rank_that_loads_it(tmp_path, cfg_path, reference):
     """Same size, one flipped byte: only the sha256 tells, and the worker rank that owns the file checks it
     (the server checks sizes). Named when the checkpoint is given; auto falls back to the previous one."""
-    out = tmp_path / "run.h5"
-    root = out.with_suffix(".ckpt")
-    r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--set", "run.steps=30"])
-    assert r.returncode == 0, r.stderr
-    damaged = checkpoint.step_dir(root, 30) / "worker-0002.pt"
-    data = bytearray(damaged.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    damaged.write_bytes(bytes(data))
+    def flip_a_byte(data: bytes) -> bytes:
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0xFF
+        return bytes(data)
+
+    out, damaged = run_30_steps_then_damage(tmp_path, cfg_path, "worker-0002.pt", flip_a_byte)
 
     r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--resume", damaged.parent], ranks=RANKS)
     assert r.returncode == 2
     assert f"cdmpi: error: checkpoint file {damaged} is corrupt: its sha256 differs" in r.stderr, r.stderr
-
-    r = run_cdmpi(["train", cfg_path, "--out", out, "--resume", "auto"], ranks=RANKS)
-    assert r.returncode == 0, r.stderr
-    assert str(damaged) in r.stderr and "trying an older checkpoint" in r.stderr
-    assert "resuming from checkpoint step 20" in r.stderr
-    assert_same_run(out, reference)
+    assert_auto_falls_back_to_step_20(cfg_path, out, damaged, reference)
 
 
 def test_resume_refuses_other_world_size_dimension_and_config(tmp_path, cfg_path, capsys):
