@@ -21,6 +21,7 @@ from common import ms, publish, table
 
 from cdmpi import config, metrics, train
 from cdmpi.algorithms import AmsgradState
+from cdmpi.control import HEADER_NBYTES
 from cdmpi.problems.quadratic import QuadraticShard
 from cdmpi.timing import PHASES, PhaseTimer
 from cdmpi.transport import MPITransport
@@ -35,27 +36,32 @@ def run_cdmpi(transport, algorithm: str, compressor: str, d: int, steps: int, ou
         "compress": {"name": compressor},
         "comm": {"topology": topology, "wait": wait},
     })
-    session = train.setup(cfg, transport, out=out, overwrite=True)
+    training = train.build(cfg, transport, out=out, overwrite=True)
     transport.inbound_nbytes = transport.outbound_nbytes = 0
-    train.run(session)
-    # Each worker's frame bytes (sent, received), from the buffers and counts it handed to MPI
+    training.run()
+    # Each worker's bytes (sent, received), from the buffers and counts it handed to MPI
     counted = transport.gather_stats(torch.tensor([[float(transport.outbound_nbytes), float(transport.inbound_nbytes)]],
-                                                  dtype=torch.float64)[: len(session.workers)])
+                                                  dtype=torch.float64)[: len(training.engine.workers)])
     if not transport.is_server:
         return None
-    up_c, down_c = session.frame_compressors(steps)
-    n = transport.n_workers
+    up_c, down_c = training.engine.exchange.frames(steps)
+    n, h = transport.n_workers, HEADER_NBYTES
     formula = (n * up_c.frame_nbytes, n * down_c.frame_nbytes)
-    if topology == "sharded":  # worker s receives the n - 1 other slices of each frame
-        inbound = [(n - 1) * up_c.slice_nbytes[s] + down_c.frame_nbytes - down_c.slice_nbytes[s] for s in range(n)]
-        measured = counted[:, 1].div(steps).tolist()
+    # The last exchange (the end of the run) carries one more round of control words (and, in the star
+    # topology, its unused frames); it is left out of the per-step figures below.
+    if topology == "sharded":  # worker s receives the n - 1 other slices of each frame and n headers
+        inbound = [(n - 1) * up_c.slice_nbytes[s] + down_c.frame_nbytes - down_c.slice_nbytes[s] + n * h
+                   for s in range(n)]
+        measured = (counted[:, 1] - n * h).div(steps).tolist()
         assert measured == inbound, (measured, inbound)
         return formula
-    # star: the server receives the n frames (Gather), each worker its copy of the down frame (Bcast)
-    measured = (transport.inbound_nbytes / steps, counted[:, 1].sum().item() / steps)
-    worker_sent = counted[:, 0].sum().item() / steps
-    assert measured == formula and worker_sent == formula[0], (measured, worker_sent, formula)
-    return measured
+    # star: the server receives the n messages (Gather), each worker its copy of the download one (Bcast)
+    last = n * (h + up_c.frame_nbytes), n * (h + down_c.frame_nbytes)
+    measured = ((transport.inbound_nbytes - last[0]) / steps, (counted[:, 1].sum().item() - last[1]) / steps)
+    worker_sent = (counted[:, 0].sum().item() - last[0]) / steps
+    assert measured == (formula[0] + n * h, formula[1] + n * h) and worker_sent == measured[0], \
+        (measured, worker_sent, formula)
+    return formula
 
 
 def run_allreduce(transport, d: int, steps: int):
@@ -145,10 +151,11 @@ def main() -> None:
                 "Times are per step, means over the workers (server: rank 0's aggregate, which includes the "
                 "re-compression of the download frame). optimizer+communication = a worker's encode + Gather + "
                 "Bcast + update wall time, so it includes the server's work the worker waits for. Bytes per "
-                "step are counted from the numpy buffers handed to MPI (Gather: all n frames at the server; "
-                "Bcast: each worker's copy) and checked equal to n * frame_nbytes (sharded: every worker's "
-                "inbound bytes checked equal to its n - 1 up slices and n - 1 down slices; its aggregate is its "
-                "own slice's work, and optimizer+communication adds it); for the Allreduce they are "
+                "step are the frames; the bytes handed to MPI are checked equal to them plus the 32-byte control word "
+                "of each message (Gather: all n messages at the server; Bcast: each worker's copy; sharded: every "
+                "worker's inbound bytes are its n - 1 up slices, n - 1 down slices and the n other ranks' control "
+                "words; its aggregate is its own slice's work, and optimizer+communication adds it); for the "
+                "Allreduce they are "
                 "each worker's fp32 buffer (4 d), MPI's internal traffic is not visible. "
                 "Every rank is one process with one torch thread; the ranks share the machine's cores.",
                 launcher=f"mpiexec -n {transport.world_size} ")

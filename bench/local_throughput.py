@@ -31,9 +31,13 @@ from cdmpi.transport import LocalTransport
 algorithm, steps, log_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = config.load("configs/logreg/w8a.toml", [f"optim.algorithm={algorithm}", f"run.steps={steps}",
                   f"run.log_every={log_every}", "compress.name=auto"])
-session = train.setup(cfg, LocalTransport(cfg.run.workers), out=None)
+if hasattr(train, "build"):
+    go = train.build(cfg, LocalTransport(cfg.run.workers)).run
+else:  # a baseline checkout from before the engine
+    session = train.setup(cfg, LocalTransport(cfg.run.workers), out=None)
+    go = lambda: train.run(session)
 start = time.perf_counter()
-train.run(session)
+go()
 print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 

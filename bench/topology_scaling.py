@@ -5,7 +5,7 @@ number of workers n, for the star topology (rank 0 aggregates) and the sharded o
 
 Each (topology, n) is a real `mpiexec -n n+1 cdmpi train` of cdadam with scaled sign on the quadratic
 benchmark problem (float32). The inbound bytes are those each rank handed to MPI to receive
-(comm/inbound_nbytes_per_step in the run's HDF5 file) and are checked against the frame-size formula; the
+(comm/inbound_nbytes_per_step in the run's HDF5 file) and are checked against the message-size formula; the
 projected column uses `cdmpi project`'s model of each topology on a 10 Gbit/s link with 5 us latency.
 """
 
@@ -23,18 +23,20 @@ import torch
 from common import publish, table
 
 from cdmpi import compress, metrics, project
+from cdmpi.control import HEADER_NBYTES
 from cdmpi.timing import PHASES
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def expected_busiest_inbound(topology: str, d: int, n: int) -> int:
-    """Frame bytes per step into the busiest rank: n whole frames at rank 0 (star), or (n - 1) slices of
-    the up frame and the down frame's other n - 1 slices at a worker (sharded)."""
+    """Bytes per step into the busiest rank: n whole messages (control word and frame) at rank 0 (star), or
+    (n - 1) slices of the up frame, the down frame's other n - 1 slices and the n other ranks' control words
+    at a worker (sharded)."""
     if topology == "star":
-        return n * compress.ScaledSign(d).frame_nbytes
+        return n * (HEADER_NBYTES + compress.ScaledSign(d).frame_nbytes)
     sliced = compress.Sliced.make("scaled_sign", d, n)
-    return max((n - 1) * c + (sliced.frame_nbytes - c) for c in sliced.slice_nbytes)
+    return max((n - 1) * c + (sliced.frame_nbytes - c) for c in sliced.slice_nbytes) + n * HEADER_NBYTES
 
 
 def run(topology: str, n: int, d: int, steps: int, out: Path) -> dict:

@@ -107,12 +107,11 @@ class MarkovWorker:
     """A worker with Markov sequences both ways (Algorithm 1 lines 5-6 and 12); `step_` uses g_tilde."""
 
     frames = staticmethod(same_frames)
+    moments: tuple[str, ...] = ()  # the state keys an optimizer warm start takes over (not the sequences)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.g_hat = MarkovSequence(s.up, s.dtype, device, s.seed, stream=worker_index + 1)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
-        self.up_nbytes = s.up.frame_nbytes
-        self.down_nbytes = s.down.frame_nbytes
 
     def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
         self.g_hat.push(grad, up_frame)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
@@ -134,6 +133,8 @@ class MarkovWorker:
 
 class CDAdamWorker(MarkovWorker):
     """Algorithm 1 on worker i: lines 5-6 (encode) and 12-16 (update)."""
+
+    moments = ("amsgrad",)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         super().__init__(s, worker_index, device)
@@ -164,8 +165,6 @@ class CDAdamServer:
     def __init__(self, s: Setting, device="cpu"):
         self.g_hat = MarkovMean(s.up, s.n_workers, s.dtype, device, s.seed)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
-        self.up_nbytes = s.up.frame_nbytes
-        self.down_nbytes = s.down.frame_nbytes
 
     def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
         self.g_hat.receive_all(up_frames)  # g_hat += (1/n) sum_i c_i
@@ -186,13 +185,12 @@ class DirectAmsgradWorker:
 
     error_feedback = False
     frames = staticmethod(same_frames)
+    moments = ("amsgrad",)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.sender = ErrorFeedback(s.up, s.dtype, device, s.seed, worker_index + 1, self.error_feedback)
         self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
         self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
-        self.up_nbytes = s.up.frame_nbytes
-        self.down_nbytes = s.down.frame_nbytes
 
     def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
         self.sender.push(grad, up_frame)
@@ -220,8 +218,6 @@ class DirectServer:
         self.dtype = s.dtype
         self.seed = s.seed
         self.sender = ErrorFeedback(s.down, s.dtype, device, s.seed, 0, self.error_feedback)
-        self.up_nbytes = s.up.frame_nbytes
-        self.down_nbytes = s.down.frame_nbytes
 
     def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
         mean = mean_of_frames(self.up, up_frames, self.dtype, self.seed, self.sender.count)
@@ -258,20 +254,14 @@ class _OnebitWarmup:
     def warm(self) -> bool:
         return self.step < self.optim.warmup_steps
 
-    @property
-    def up_nbytes(self) -> int:
-        return (self.full if self.warm else self.up).frame_nbytes
-
-    @property
-    def down_nbytes(self) -> int:
-        return (self.full if self.warm else self.down).frame_nbytes
-
 
 class OnebitAdamWorker(_OnebitWarmup):
     """1-bit Adam (Tang et al. 2021) as DeepSpeed's OnebitAdam runs it. For the first W = warmup_steps
     steps: uncompressed Adam on the averaged gradient (fp32 frames both ways). Afterwards v is frozen; the
     worker sends its local momentum m_i = beta1 m + (1 - beta1) g_i through error feedback, the server
     sends the error-fed compressed mean, and every worker takes that as m."""
+
+    moments = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
         self.optim = s.optim

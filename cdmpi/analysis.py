@@ -26,11 +26,14 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
         min_g = float(np.min(train["grad_norm_sq"]))
         step = int(train["step"][-1])
         bits_up, bits_down = int(train["bits_up"][-1]), int(train["bits_down"][-1])
+    step = int(attrs.get("final_step", step))  # a user's loop logs row t before step t: the rows end at T - 1
+    accuracy = run.get("eval", {}).get("accuracy")
+    test_accuracy = float(accuracy[-1]) if accuracy is not None and len(accuracy) else None
     row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
            "topology": attrs.get("topology", "star"),  # files from before the sharded topology are star
            "dataset": cfg.get("data", {}).get("dataset"), "lr": cfg.get("optim", {}).get("lr"),
            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
-           "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "bits_up": bits_up,
+           "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "test_accuracy": test_accuracy, "bits_up": bits_up,
            "bits_down": bits_down, "bits_total": bits_up + bits_down}
     if target is not None:
         column, value = target
@@ -82,9 +85,9 @@ def parse_target(text: str) -> tuple[str, float]:
         raise CdmpiError(f"--target expects COLUMN=VALUE, e.g. grad_norm_sq=1e-4; got {text!r}") from None
 
 
-COLUMNS = [("file", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("workers", "{}"), ("steps", "{}"),
-           ("final_loss", "{:.6g}"), ("final_grad_norm_sq", "{:.4e}"), ("min_grad_norm_sq", "{:.4e}"),
-           ("bits_total", "{:.4e}")]
+COLUMNS = [("file", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("topology", "{}"), ("workers", "{}"),
+           ("steps", "{}"), ("final_loss", "{:.6g}"), ("final_grad_norm_sq", "{:.4e}"), ("min_grad_norm_sq", "{:.4e}"),
+           ("test_accuracy", "{:.4f}"), ("bits_total", "{:.4e}")]
 BEST_COLUMNS = [("dataset", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("lr", "{:g}"), ("steps", "{}"),
                 ("final_grad_norm_sq", "{:.4e}"), ("bits_total", "{:.4e}"), ("file", "{}")]
 TARGET_COLUMNS = [("steps_to_target", "{}"), ("bits_to_target", "{:.4e}")]

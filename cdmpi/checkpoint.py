@@ -31,19 +31,23 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from . import __version__
+from . import __version__, control
 from .config import Config
-from .errors import CdmpiError
+from .errors import AgreedError, CdmpiError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: worker files hold the driver state (sampler or user state) beside params and algorithm
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys a resumed run may change: they do not change the trajectory of x. run.workers is checked as the
 # world size, with its own message.
 MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "comm.wait")
 MUTABLE_SECTIONS = ("checkpoint",)
+MANIFEST_KEYS = ("format_version", "step", "n_workers", "world_size", "backend", "d", "config", "config_hash",
+                 "files")
+OWN_MODEL = "own_model"  # problem.name of the runs of cdmpi.api: a user's loop, which decides the steps
 
 
 def root_for(cfg: Config, out: str | Path) -> Path:
@@ -77,13 +81,16 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 # ---- writing ------------------------------------------------------------------------------------------
 
-def _roles(session) -> dict[str, tuple[str, object]]:
-    """file name -> (role, runtime) for the workers and the server that live in this process."""
-    roles = {f"worker-{w.index:04d}.pt": ("worker", w) for w in session.workers}
-    roles.update({f"slice-{s:04d}.pt": ("slice", server) for s, server in session.slice_servers.items()})
-    if session.server is not None:
-        roles["server.pt"] = ("server", session.server)
-    return roles
+class Run(Protocol):
+    """What checkpoints need of a run (cdmpi.engine.Engine)."""
+
+    cfg: Config
+    transport: object
+    d: int
+
+    def roles(self) -> dict[str, tuple[str, object]]: ...  # file name -> (role, its state_dict holder)
+    def checksums(self) -> dict[int, int]: ...  # worker index -> checksum of its x, for this process's workers
+    def flush_metrics(self) -> None: ...
 
 
 def _write_file(path: Path, obj: dict) -> dict:
@@ -99,28 +106,40 @@ def _write_file(path: Path, obj: dict) -> dict:
     return {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def save(session, step: int, root: Path) -> Path | None:
-    """Collective: write this process's files, then (on the server) the manifest and the rename.
-    Returns the checkpoint directory on the server, None elsewhere."""
+def save(session: Run, step: int, root: Path) -> Path | None:
+    """Collective: write this process's files, then (on the server) check that every worker's copy of x is
+    finite and the same, write the manifest and rename the directory. Returns the checkpoint directory on
+    the server, None elsewhere; raises AgreedError on every process when the copies of x are bad (nothing
+    is kept then), CdmpiError when a file cannot be written."""
     transport = session.transport
     tmp_dir = root / f"step-{step:09d}.tmp"
-    report: dict = {}
+    report: dict = {"checksums": session.checksums(), "files": {}}
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        for name, (role, runtime) in _roles(session).items():
-            report[name] = _write_file(tmp_dir / name, {"role": role, "step": step,
-                                                         "state": runtime.state_dict()})
-        if session.server is not None and session.server.writer is not None:
-            session.server.writer.flush()  # rows before `step` are on disk whenever the checkpoint is
+        for name, (role, runtime) in session.roles().items():
+            report["files"][name] = _write_file(tmp_dir / name, {"role": role, "step": step,
+                                                                  "state": runtime.state_dict()})
+        session.flush_metrics()  # rows before `step` are on disk whenever the checkpoint is
     except OSError as err:
-        report = {"error": f"rank {transport.rank}: {err}"}
+        report["error"] = f"rank {transport.rank}: {err}"
     reports = transport.collect(report)
+    verdict = None
+    if transport.is_server:
+        checksums = dict(sorted((i, c) for r in reports for i, c in r["checksums"].items()))
+        verdict = control.checksum_error(step, list(checksums.values()), lambda indices: ", ".join(
+            f"worker {i} (rank {transport.worker_rank(i)})" for i in indices))
+        if verdict is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            verdict = f"{verdict} (checked before writing checkpoint {step_dir(root, step)}, which was not kept)"
+    verdict = transport.share(verdict)
+    if verdict is not None:
+        raise AgreedError(verdict)
     if not transport.is_server:
         return None
     errors = [r["error"] for r in reports if "error" in r]
     if errors:
         raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
-    files = {name: info for r in reports for name, info in r.items()}
+    files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
     manifest = {"format_version": FORMAT_VERSION, "step": step, "n_workers": transport.n_workers,
                 "world_size": transport.world_size, "backend": transport.name, "d": session.d,
@@ -171,6 +190,9 @@ def validate(path: Path, hash_files: bool = True) -> dict:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
         int(manifest["step"])
+        missing = [k for k in MANIFEST_KEYS if k not in manifest]
+        if missing:
+            raise KeyError(", ".join(missing))
     except FileNotFoundError:
         raise CdmpiError(f"checkpoint {path} is incomplete: {manifest_path} not found") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -213,29 +235,8 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, wo
                    if then.get(k) != now.get(k)]
         raise CdmpiError(f"checkpoint {path} was written with a different config ({'; '.join(changed)}); "
                          f"only {', '.join(MUTABLE_KEYS)} and [checkpoint] may change on resume")
-    if manifest["step"] > cfg.run.steps:
+    if cfg.problem.name != OWN_MODEL and manifest["step"] > cfg.run.steps:  # a user's loop sets no run.steps
         raise CdmpiError(f"checkpoint {path} is at step {manifest['step']}, past run.steps = {cfg.run.steps}")
-
-
-def resolve(spec: str, root: Path, cfg: Config, n_workers: int, world_size: int, d: int,
-            warn=None) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from, checked in one process (every file's sha256 here): what restore
-    chooses, without MPI. spec as for restore; None when `auto` finds no usable checkpoint."""
-    found, strict = _candidates(spec, root, warn)
-    for path, manifest in found:
-        try:
-            validate(path)
-        except CdmpiError as err:
-            if strict:
-                raise
-            if warn is not None:
-                warn(f"{err}; trying an older checkpoint")
-            continue
-        check_compatible(path, manifest, cfg, n_workers, world_size, d)
-        return path, manifest
-    if spec != "auto":
-        raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}")
-    return None
 
 
 def _candidates(spec: str, root: Path, warn=None) -> tuple[list[tuple[Path, dict]], bool]:
@@ -268,7 +269,7 @@ def _read_own(session, path: Path, manifest: dict) -> tuple[dict, str | None]:
     states = {}
     step = int(manifest["step"])
     try:
-        for name, (role, _) in _roles(session).items():
+        for name, (role, _) in session.roles().items():
             file = path / name
             info = manifest["files"].get(name)
             if info is None:
@@ -331,7 +332,7 @@ def restore(session, spec: str, root: Path, warn=None) -> int | None:
             continue
         if decision != "use":
             raise CdmpiError(decision[1] if transport.is_server else "see the server's error")
-        for name, (role, runtime) in _roles(session).items():
+        for name, (role, runtime) in session.roles().items():
             try:
                 runtime.load_state_dict(states[name])
             except (KeyError, RuntimeError, TypeError, ValueError) as err:

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import traceback
 from pathlib import Path
 
-from . import __version__, algorithms, analysis, config, log
-from .errors import AgreedError, CdmpiError
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILURE = 1
-EXIT_STOPPED = 75  # stopped by SIGTERM after writing a checkpoint; resume with --resume auto (EX_TEMPFAIL)
+from . import __version__, algorithms, analysis, config, log, runs
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, CdmpiError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -144,43 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describe(err: BaseException) -> str:
-    return str(err) if isinstance(err, CdmpiError) else f"{type(err).__name__}: {err}"
-
-
-def _agreed(phase, transport, rank: int) -> bool:
-    """Run one setup phase on every rank; if it failed anywhere, rank 0 prints the first error and every
-    rank returns False together (no rank is left waiting in a collective)."""
-    error = None
-    try:
-        phase()
-    except Exception as err:
-        error = _describe(err)
-        if not isinstance(err, CdmpiError):
-            traceback.print_exc()
-    if transport is not None:
-        agreed = transport.agree(error)
-    else:  # the local transport could not even be made
-        agreed = (0, error) if error else None
-    if agreed:
-        failed_rank, message = agreed
-        if rank == 0:
-            where = f" (rank {failed_rank})" if failed_rank else ""
-            print(f"cdmpi: error{where}: {message}", file=sys.stderr)
-        return False
-    return True
-
-
 def cmd_train(args) -> int:
-    stop = _StopOnSigterm()  # from here on, SIGTERM means: stop at the next check step with a checkpoint
-    try:
+    with runs.StopOnSigterm() as stop:
         return _train(args, stop)
-    finally:
-        stop.restore()
 
 
-def _train(args, stop: "_StopOnSigterm") -> int:
-    from . import checkpoint, data, train, transport as transports
+def _train(args, stop: runs.StopOnSigterm) -> int:
+    from . import transport as transports
 
     backend = args.backend
     if backend == "auto":
@@ -195,97 +159,66 @@ def _train(args, stop: "_StopOnSigterm") -> int:
             return EXIT_BAD_INPUT
     rank = transport.rank if transport is not None else 0
     logger = log.setup(rank, verbose=not args.quiet)
-
-    cfg, session = None, None
-
-    def prepare():  # phase 1: config and world size; rank 0 fetches data the others will read
-        nonlocal cfg, transport
-        cfg = config.load(args.config, args.overrides)
-        if transport is None:
-            n = args.workers if args.workers is not None else cfg.run.workers
-            if n < 1:
-                raise CdmpiError(f"--workers must be >= 1, got {n}")
-            transport = transports.LocalTransport(n)
-        else:
-            train.check_world(transport, args.workers)
-            if args.workers is None and cfg.run.workers != transport.n_workers:
-                logger.info("config asks for %d workers; the world has %d: using %d",
-                            cfg.run.workers, transport.n_workers, transport.n_workers)
-        cfg = config.replace(cfg, "run", workers=transport.n_workers)
-        if transport.rank == 0:
-            data.prefetch(cfg.data.dataset)
-
-    def build():  # phase 2: every rank builds its part
-        nonlocal session
-        session = train.setup(cfg, transport, out=None)  # the metrics file comes after the resume
-
-    def resume():  # phase 3, collective: the checkpoint to start from, then the metrics file
-        root = checkpoint.root_for(cfg, out())
-        session.checkpoint_root = root
-        start = None
-        if args.resume:
-            start = checkpoint.restore(session, args.resume, root, warn=logger.warning)
-        if start is None and transport.is_server and checkpoint.list_checkpoints(root):
-            if not args.overwrite:
-                raise CdmpiError(f"checkpoints of an earlier run exist in {root}; pass --resume auto "
-                                 f"to continue it or --overwrite to start over")
-            checkpoint.remove_all(root)
-        train.open_metrics(session, out(), overwrite=args.overwrite, resume_step=start)
-        if start is not None:
-            session.start_step = start
-            logger.info("resuming from checkpoint step %d in %s", start, root)
-
-    def out():
-        return args.out or f"runs/{Path(args.config).stem}-{cfg.optim.algorithm}.h5"
-
-    for phase in (prepare, build, resume):
-        if not _agreed(phase, transport, rank):
+    job = _TrainJob(args, transport)
+    for phase in (job.prepare, job.build, job.start):
+        if not runs.agreed(phase, job.transport, rank):
             return EXIT_BAD_INPUT
-    session.stop_requested = stop.requested
-
-    logger.info("%s; %s with %s, %d workers, d = %d, %s backend", session.description,
-                cfg.optim.algorithm, algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name),
-                transport.n_workers, session.d, transport.name)
-    try:
-        row = train.run(session, progress=not args.quiet)
-    except AgreedError as err:  # every rank raised it at the same step: no abort needed
-        if rank == 0:
-            print(f"cdmpi: error: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception as err:
-        print(f"cdmpi: error on rank {rank}: {_describe(err)}", file=sys.stderr)
-        if not isinstance(err, CdmpiError):
-            traceback.print_exc()
-        transport.abort(EXIT_FAILURE)  # ends every rank; an MPI job must never hang on one failure
-        return EXIT_FAILURE
-    if session.stopped_at is not None:
-        if rank == 0:
-            print(f"cdmpi: stopped by SIGTERM at step {session.stopped_at}; checkpoint {session.last_checkpoint}; "
-                  f"continue with --resume auto", file=sys.stderr)
-        return EXIT_STOPPED
-    if row is not None:
-        print(f"cdmpi: {cfg.optim.algorithm} finished {row['step']} steps: loss {row['loss']:.6g}, "
+    engine = job.training.engine
+    engine.stop_requested = stop.requested
+    if not args.quiet:
+        engine.progress_total = job.cfg.run.steps
+    logger.info("%s; %s with %s, %d workers, d = %d, %s backend", engine.description, job.cfg.optim.algorithm,
+                engine.attrs["compressor"], job.transport.n_workers, engine.d, job.transport.name)
+    status, row = runs.finish(job.training.run, job.transport, rank)
+    if status == 0 and row is not None:
+        print(f"cdmpi: {job.cfg.optim.algorithm} finished {row['step']} steps: loss {row['loss']:.6g}, "
               f"grad_norm_sq {row['grad_norm_sq']:.4e}, bits up {row['bits_up']:.4e}, "
-              f"down {row['bits_down']:.4e} -> {out()}")
-    return 0
+              f"down {row['bits_down']:.4e} -> {job.out}")
+    return status
 
 
-class _StopOnSigterm:
-    """SIGTERM (SLURM's warning before the time limit or at preemption) asks for a stop; the ranks agree
-    on the step at the next check, write a checkpoint there and exit with EXIT_STOPPED."""
+class _TrainJob:
+    """The set-up phases of `cdmpi train`, each run on every rank and agreed on (runs.agreed)."""
 
-    def __init__(self):
-        self.signals = 0
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, args, transport):
+        self.args = args
+        self.transport = transport  # None until prepare() makes the in-process one
+        self.cfg = None
+        self.training = None
 
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+    @property
+    def out(self) -> str:
+        return self.args.out or f"runs/{Path(self.args.config).stem}-{self.cfg.optim.algorithm}.h5"
 
-    def _handle(self, signum, frame) -> None:
-        self.signals += 1
+    def prepare(self) -> None:
+        """Config and world size; rank 0 fetches the data the others will read."""
+        from . import data, transport as transports
 
-    def requested(self) -> bool:
-        return self.signals > 0
+        args = self.args
+        self.cfg = config.load(args.config, args.overrides)
+        if self.transport is None:
+            self.transport = transports.LocalTransport(args.workers if args.workers is not None
+                                                       else self.cfg.run.workers)
+        else:
+            self.transport.check_workers(args.workers)
+            if args.workers is None and self.cfg.run.workers != self.transport.n_workers:
+                log.LOGGER.info("config asks for %d workers; the world has %d: using %d", self.cfg.run.workers,
+                                self.transport.n_workers, self.transport.n_workers)
+        self.cfg = config.replace(self.cfg, "run", workers=self.transport.n_workers)
+        if self.transport.rank == 0:
+            data.prefetch(self.cfg.data.dataset)
+
+    def build(self) -> None:
+        from . import train
+
+        self.training = train.build(self.cfg, self.transport)  # the metrics file comes after the resume
+
+    def start(self) -> None:
+        engine = self.training.engine
+        step = runs.start(engine, self.out, resume=self.args.resume, overwrite=self.args.overwrite,
+                          warn=log.LOGGER.warning)
+        if step is not None:
+            log.LOGGER.info("resuming from checkpoint step %d in %s", step, engine.checkpoint_root)
 
 
 def cmd_report(args) -> int:

@@ -72,7 +72,7 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM)
     dir: str = ""  # "": next to the metrics file (RUN.h5 -> RUN.ckpt/)
     keep: int = 2  # newest checkpoints kept (0: all)
-    check_every: int = 10  # steps between the x-checksum comparison and the SIGTERM agreement
+    check_every: int = 10  # steps between the comparisons of the workers' x checksums
 
 
 @dataclass(frozen=True)

@@ -4,15 +4,22 @@ Layout (see the README for the public description):
 
     /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size,
                       backend, mpi_library, cdmpi_version, created, format_version
-    /train/<column>   1-D datasets of equal length, one row per logged step
+    /train/<column>   1-D datasets of equal length, one row per logged step: step, loss, grad_norm_sq,
+                      bits_up, bits_down, wall_time, and any value a user's script logs
     /final/params     the workers' final x (float64), written when the run ends
-    /eval/<column>    (classifier runs) one row per test-set evaluation: step, epoch, loss, accuracy, bits
+    /eval/<column>    one row per evaluation: step, bits_up, bits_down and the logged values (the
+                      classifier problem: epoch, loss, accuracy on the test set)
 
 Rows are buffered in memory and appended every ``flush_every`` rows and at close. A flush appends to a
 copy of the file and renames it over the original, so a crash at any moment, even inside a flush, leaves
 a closed, readable file holding every row of the last completed flush. A resumed run opens the existing
 file and drops the rows at and after the checkpoint's step (they are recomputed), so steps stay unique
 and increasing.
+
+A row's values come from the workers: each worker that logged at a step gives a dict, and a reducer makes
+the row from them, in worker order (``mean_of_workers`` for a user's values, ``sum_of_shares`` for the
+built-in problems' metric shares). A column that a run logs for the first time is added then; earlier
+rows read NaN there.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from .errors import CdmpiError
 
@@ -40,24 +48,24 @@ TRAIN_COLUMNS = {
 
 EVAL_COLUMNS = {
     "step": np.int64,  # completed iterations t
-    "epoch": np.float64,  # t / steps per epoch
-    "loss": np.float64,  # mean cross-entropy over the whole test set (worker 0's x and BN statistics)
-    "accuracy": np.float64,  # fraction of the test set classified correctly
     "bits_up": np.int64,  # as in /train, for plots of accuracy against bits
     "bits_down": np.int64,
 }
+# Columns every run has, whatever it logs; the others are float64.
+CORE_COLUMNS = {"train": TRAIN_COLUMNS, "eval": EVAL_COLUMNS}
 
 UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_time": "s"}
 
 
 class MetricsWriter:
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 columns: dict | None = None, groups: dict | None = None, resume_step: int | None = None):
+                 resume_step: int | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
-        self.columns = {"train": dict(columns or TRAIN_COLUMNS), **(groups or {})}  # group -> columns
+        self.columns: dict[str, dict] = {g: dict(c) for g, c in CORE_COLUMNS.items()}  # group -> columns
         self._rows: dict[str, list[dict]] = {group: [] for group in self.columns}
         self._last_step: dict[str, int] = {}
+        self._in_file: dict[str, int] = {}  # group -> rows already in the file
         if resume_step is not None:
             self._resume(attrs, resume_step)
             return
@@ -72,13 +80,7 @@ class MetricsWriter:
                     fh.attrs[key] = value
                 fh.attrs["format_version"] = FORMAT_VERSION
                 fh.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-                for group, columns in self.columns.items():
-                    g = fh.create_group(group)
-                    for name, dtype in columns.items():
-                        ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
-                                              chunks=(1024,))
-                        if name in UNITS:
-                            ds.attrs["units"] = UNITS[name]
+                self._add_columns(fh, "train")
             os.replace(tmp, self.path)
         except OSError as err:
             raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
@@ -88,9 +90,24 @@ class MetricsWriter:
         if step <= self._last_step.get(group, -1):
             raise ValueError(f"{group}: steps must increase ({step} after {self._last_step[group]})")
         self._last_step[group] = step
-        self._rows[group].append(row)
+        columns = self.columns.setdefault(group, {"step": np.int64})
+        for name in row:
+            columns.setdefault(name, np.float64)
+        self._rows.setdefault(group, []).append(row)
         if len(self._rows[group]) >= self.flush_every:
             self.flush()
+
+    def _add_columns(self, fh, group: str) -> None:
+        """Create the group's missing datasets; a new column reads NaN in the rows before it."""
+        g = fh.require_group(group)
+        count = self._in_file.setdefault(group, 0)
+        for name, dtype in self.columns[group].items():
+            if name in g:
+                continue
+            ds = g.create_dataset(name, shape=(count,), maxshape=(None,), dtype=dtype, chunks=(1024,),
+                                  fillvalue=np.nan if dtype == np.float64 else 0)
+            if name in UNITS:
+                ds.attrs["units"] = UNITS[name]
 
     def _commit(self, change) -> None:
         """Apply change(h5py.File) to a copy of the file, then rename the copy over it (crash-safe)."""
@@ -122,8 +139,12 @@ class MetricsWriter:
                 if not isinstance(fh[group], h5py.Group) or "step" not in fh[group]:
                     continue
                 kept = int(np.searchsorted(fh[group]["step"][()], step, side="left"))
-                for ds in fh[group].values():
+                columns = self.columns.setdefault(group, {})
+                for name, ds in fh[group].items():
                     ds.resize((kept,))
+                    columns.setdefault(name, ds.dtype.type)
+                self._in_file[group] = kept
+                self._rows.setdefault(group, [])
                 if kept:
                     self._last_step[group] = int(fh[group]["step"][kept - 1])
 
@@ -140,11 +161,14 @@ class MetricsWriter:
             for group, rows in self._rows.items():
                 if not rows:
                     continue
+                self._add_columns(fh, group)
                 for name, dtype in self.columns[group].items():
                     ds = fh[group][name]
                     start = ds.shape[0]
+                    missing = np.nan if dtype == np.float64 else 0
                     ds.resize((start + len(rows),))
-                    ds[start:] = np.asarray([r[name] for r in rows], dtype=dtype)
+                    ds[start:] = np.asarray([r.get(name, missing) for r in rows], dtype=dtype)
+                self._in_file[group] += len(rows)
 
         self._commit(append)
         for rows in self._rows.values():
@@ -160,12 +184,58 @@ class MetricsWriter:
         self._commit(write)
 
     def set_attrs(self, attrs: dict) -> None:
-        with h5py.File(self.path, "a") as fh:
+        def write(fh):
             for key, value in attrs.items():
                 fh.attrs[key] = value
 
+        self._commit(write)
+
     def close(self) -> None:
         self.flush()
+
+
+# ---- rows from the workers' values ----------------------------------------------------------------------
+
+def _ordered_sum(values: list):
+    total = values[0].clone() if isinstance(values[0], torch.Tensor) else values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def _as_number(value):
+    return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else value
+
+
+def mean_of_workers(values: list[dict]) -> dict:
+    """Each key: the mean over the workers that gave it, summed in worker order (a user's values); a value
+    that every worker gave alike (a learning rate, an epoch) is kept as it is."""
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    row = {}
+    for key in keys:
+        given = [torch.as_tensor(v[key], dtype=torch.float64) for v in values if key in v]
+        same = all(torch.equal(g, given[0]) for g in given[1:])
+        row[key] = _as_number(given[0] if same else _ordered_sum(given) / len(given))
+    return row
+
+
+def sum_of_shares(values: list[dict]) -> dict:
+    """Each key: the sum over the workers in worker order of their shares (the built-in problems, whose
+    shares add up to the value over all data). The share "loss_and_grad" is the vector [f, grad f] of a
+    worker's part of the objective: its sum gives loss and grad_norm_sq, the squared norm of the gradient."""
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    row = {}
+    for key in keys:
+        total = _ordered_sum([torch.as_tensor(v[key], dtype=torch.float64) for v in values if key in v])
+        if key == "loss_and_grad":
+            row["loss"] = float(total[0])
+            row["grad_norm_sq"] = float(torch.dot(total[1:], total[1:]))
+        else:
+            row[key] = _as_number(total)
+    return row
+
+
+REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}
 
 
 def read(path: str | Path) -> dict:

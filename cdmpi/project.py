@@ -6,8 +6,8 @@ and one-way latency L). Rank 0's link carries every frame, so it is the bottlene
     step = compute + encode + (L + up_bytes / B) + aggregate + (L + down_bytes / B) + update
 
 with compute, encode and update the workers' mean measured seconds per step, aggregate the server's,
-up_bytes the n upload frames and down_bytes the n copies of the download frame per step (the bits the
-run counted from the buffers it handed to the transport). The measured communication time is dropped:
+up_bytes the n upload messages and down_bytes the n copies of the download message per step (the frames
+the run counted in its bits, and each message's 32-byte control word). The measured communication time is dropped:
 the link is what is projected. In the table, link_bytes is the bytes per step through the busiest link
 and optimizer ms is encode + aggregate + update (update alone for the Allreduce). For comparison, uncompressed AMSGrad with a ring Allreduce of the fp32
 gradient over the n workers, with the same compute and update times:
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis, metrics
+from .control import HEADER_NBYTES
 from .errors import CdmpiError
 
 
@@ -62,8 +63,8 @@ def measured(path: str | Path) -> dict:
     if sharded:  # the busiest worker's inbound frame bytes, as the run measured them where it could
         inbound = run.get("comm", {}).get("inbound_nbytes_per_step")
         link_bytes = float(np.max(inbound)) if inbound is not None else (n - 1) / n * (up_bytes + down_bytes) / n
-    else:
-        link_bytes = up_bytes + down_bytes
+    else:  # the frames and each message's control word
+        link_bytes = up_bytes + down_bytes + 2 * n * HEADER_NBYTES
     return {"path": str(path), "algorithm": attrs["algorithm"], "compressor": attrs["compressor"],
             "topology": "sharded" if sharded else "star",
             "n_workers": n, "dim": int(attrs["dim"]), "backend": attrs["backend"],

@@ -115,8 +115,7 @@ def run_local(run: Run, workers: int) -> str:
     if run.out.exists():  # finished meanwhile by another sweep over the same folder
         return f"{run.out.name}: already finished"
     cfg = config.replace(run.cfg, "run", workers=workers)
-    session = train.setup(cfg, LocalTransport(workers), out=run.partial, overwrite=True)
-    row = train.run(session)
+    row = train.build(cfg, LocalTransport(workers), out=run.partial, overwrite=True).run()
     os.replace(run.partial, run.out)
     return f"{run.out.name}: grad_norm_sq {row['grad_norm_sq']:.4e}"
 

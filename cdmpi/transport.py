@@ -1,27 +1,24 @@
-"""The collective contract of one training step, and its two implementations.
+"""The collectives of a run, as one typed contract (``Transport``), and its two implementations.
 
-Every process runs the same step loop against a transport. A transport says which logical workers live
-in this process (``worker_indices``) and whether it runs the server, and moves three things:
+Every process of a run holds a transport. It says which logical workers live in this process
+(``worker_indices``), whether the process runs the server (``is_server``) and which rank serves worker i
+(``worker_rank(i)``), and it moves:
 
-- ``gather_frames(up)``: the upload frames of the local workers, rows of a (n_local, nbytes) uint8
-  tensor; the server gets all n rows in worker order, other processes get None.
-- ``broadcast(down)``: the server's frame, filled in place on every worker.
-- ``gather_stats(rows)``: float64 metric rows, like gather_frames.
-- ``check(stop, hashes)``: every few steps, one tiny collective that tells every process whether any
-  process wants to stop (SIGTERM) and every worker's checksum of x, in worker order.
-- ``share(obj)`` / ``collect(obj)``: small Python objects from the server to all / from all to the server
-  (checkpoint bookkeeping; never tensors of size d).
+- ``gather_frames(up)``: the local workers' messages, rows of a (n_local, nbytes) uint8 tensor; the server
+  gets all n rows in worker order, other processes get None.
+- ``broadcast(down)``: the server's message, filled in place on every worker.
+- ``gather_control(rows)``: one control header per process (the server's first, then worker i's), on
+  every process (the sharded topology's per-step agreement).
+- ``scatter_slices(up, counts)`` / ``allgather_slices(down, counts)``: the sharded topology's frames. Every
+  worker's frame is cut into slices of counts[s] bytes and slice s goes to its server (Alltoallv among the
+  workers); afterwards each slice server's part of the download frame goes to every worker (Allgatherv).
+  Rank 0 takes no part. ``slices_served(n_slices)`` names the slices a process serves.
+- ``gather_stats(rows)``: float64 rows, like gather_frames (timing and final parameters).
+- ``gather_objects(objs)``: small Python objects of the local workers, to the server in worker order.
+- ``share(obj)`` / ``collect(obj)`` / ``allgather(obj)`` / ``agree(error)``: small Python objects for
+  setup and checkpoint bookkeeping (never tensors of size d).
 
-With ``topology = "sharded"`` the workers also serve the slices of the vector (slice s on worker s), and
-two more collectives carry the frames instead of gather_frames/broadcast:
-
-- ``scatter_slices(up, counts)``: every worker's frame is cut into slices of counts[s] bytes and slice s
-  goes to its server (Alltoallv among the workers); returns {slice: (n, counts[slice]) frames} for the
-  slices this process serves.
-- ``allgather_slices(down, counts)``: each slice server has written its slice of the down frame in place;
-  afterwards every worker holds the whole frame (Allgatherv among the workers). Rank 0 takes no part.
-
-``slices_served(n_slices)`` names the slices a process serves. ``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
+``LocalTransport`` holds all n workers and the server in one process. ``MPITransport`` puts the server
 on rank 0 and worker i on rank i + 1, with Gather and Bcast on preallocated buffers. This is the only
 module that imports mpi4py, and only when an MPITransport is made.
 
@@ -38,8 +35,11 @@ import os
 import sys
 import time
 from itertools import accumulate
+from typing import Protocol
 
 import torch
+
+from .errors import CdmpiError
 
 # Environment variables that MPI launchers (MPICH/Hydra, Open MPI, Intel MPI, SLURM's srun) set.
 LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -59,19 +59,39 @@ def _offsets(counts: list[int]) -> list[int]:
     return list(accumulate(counts, initial=0))
 
 
-def sharded_exchange(transport, slice_servers: dict, up: torch.Tensor, down: torch.Tensor, up_compressor,
-                     down_compressor, lap=lambda phase: None) -> None:
-    """One step of the sharded topology between encode and update: slice s of every up frame to its server
-    (Alltoallv), each server's slice of the down frame to every worker (Allgatherv). `lap(phase)` marks
-    the end of "gather", "aggregate" and "broadcast" for a PhaseTimer."""
-    parts = transport.scatter_slices(up, up_compressor.slice_nbytes)
-    lap("gather")
-    offsets = down_compressor.offsets
-    for s, slice_server in slice_servers.items():
-        slice_server.aggregate(parts[s], down[offsets[s]:offsets[s + 1]])
-    lap("aggregate")
-    transport.allgather_slices(down, down_compressor.slice_nbytes)
-    lap("broadcast")
+class Transport(Protocol):
+    """What the engine, the checkpoints and the setup phases use of a transport."""
+
+    name: str  # recorded in metrics files and checkpoints: "local" or "mpi"
+    rank: int
+    world_size: int
+    n_workers: int
+    worker_indices: list[int]  # the workers that live in this process
+    is_server: bool
+    local_rank: int
+    path: str  # how this process's frames reach the library: in-process, direct or staged
+    mpi_library: str
+
+    def worker_rank(self, index: int) -> int: ...
+    def check_workers(self, requested: int | None) -> None: ...
+    def configure(self, cuda_aware: str, device) -> str: ...
+    def slices_served(self, n_slices: int) -> list[int]: ...
+    def wants_sleep(self, mode: str, d: int) -> bool: ...
+    def agree_wait(self, votes: list[bool]) -> bool: ...
+    def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None: ...
+    def broadcast(self, down: torch.Tensor) -> None: ...
+    def gather_control(self, rows: torch.Tensor) -> torch.Tensor: ...
+    def scatter_slices(self, up: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]: ...
+    def allgather_slices(self, down: torch.Tensor, counts: list[int]) -> None: ...
+    def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None: ...
+    def gather_objects(self, objs: list) -> list | None: ...
+    def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None: ...
+    def allgather(self, obj) -> list: ...
+    def share(self, obj): ...
+    def collect(self, obj) -> list | None: ...
+    def agree(self, error: str | None) -> tuple[int, str] | None: ...
+    def traffic(self) -> tuple[int, int] | None: ...
+    def abort(self, code: int = 1) -> None: ...
 
 
 class LocalTransport:
@@ -86,8 +106,17 @@ class LocalTransport:
     path = "in-process"
 
     def __init__(self, n_workers: int):
+        if n_workers < 1:
+            raise CdmpiError(f"the number of workers must be >= 1, got {n_workers}")
         self.n_workers = n_workers
         self.worker_indices = list(range(n_workers))
+
+    def worker_rank(self, index: int) -> int:
+        return 0
+
+    def check_workers(self, requested: int | None) -> None:
+        if requested is not None and requested != self.n_workers:
+            raise CdmpiError(f"{requested} workers asked for; this in-process run has {self.n_workers}")
 
     def configure(self, cuda_aware: str, device) -> str:
         return self.path
@@ -117,11 +146,22 @@ class LocalTransport:
     def broadcast(self, down: torch.Tensor) -> None:
         pass
 
+    def gather_control(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
 
-    def check(self, stop: bool, hashes: list[int]) -> tuple[bool, list[int]]:
-        return stop, list(hashes)
+    def gather_objects(self, objs: list) -> list:
+        return list(objs)
+
+    def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None:
+        """values[i]: worker i's tensor; every one becomes worker 0's."""
+        for value in values[1:]:
+            value.copy_(values[0])
+
+    def traffic(self) -> None:
+        return None  # nothing crosses a link
 
     def share(self, obj):
         return obj
@@ -133,8 +173,7 @@ class LocalTransport:
         return None if error is None else (0, error)
 
     def abort(self, code: int = 1) -> None:
-        sys.stderr.flush()
-        os._exit(code)
+        pass  # one process: there is no other rank to end; the caller returns its exit status
 
 
 class MPITransport:
@@ -162,7 +201,7 @@ class MPITransport:
         self.path = "direct"
         self.device = torch.device("cpu")
         self._recv: dict[tuple, torch.Tensor] = {}
-        self._check_table = torch.zeros(self.world_size, 2, dtype=torch.int64)
+        self._control: dict[int, torch.Tensor] = {}
         self._host: dict[tuple, torch.Tensor] = {}
         # Frame bytes this rank receives from other ranks, and sends to them, counted from the buffers and
         # counts handed to MPI as the collectives define them (an MPI library's trees and rings may relay
@@ -172,6 +211,22 @@ class MPITransport:
         # The workers' communicator of the sharded topology, made here because every rank constructs the
         # transport together (setup phases may fail on one rank, so they hold no collectives).
         self._workers_comm = comm.Split(MPI.UNDEFINED if self.is_server else 0, key=self.rank)
+
+    def worker_rank(self, index: int) -> int:
+        return index + 1
+
+    def check_workers(self, requested: int | None) -> None:
+        """The world must hold the server and at least one worker, and as many workers as asked for."""
+        if self.world_size < 2:
+            raise CdmpiError(f"the MPI backend needs at least 2 ranks (rank 0 is the server, the others are "
+                             f"workers); got world size {self.world_size}. Run under mpiexec -n N+1 "
+                             f"for N workers, or use the in-process backend")
+        if requested is not None and requested != self.n_workers:
+            raise CdmpiError(f"{requested} workers asked for, but the world size {self.world_size} holds "
+                             f"1 server + {self.n_workers} workers; launch with mpiexec -n {requested + 1}")
+
+    def traffic(self) -> tuple[int, int]:
+        return self.inbound_nbytes, self.outbound_nbytes
 
     def cuda_support(self) -> bool:
         """The MPI library's own answer (MPIX_Query_cuda_support, in Open MPI and MPICH); False if absent."""
@@ -349,13 +404,30 @@ class MPITransport:
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
         return self._gather(rows.cpu(), False)
 
-    def check(self, stop: bool, hashes: list[int]) -> tuple[bool, list[int]]:
-        """Allgather of (stop flag, checksum of x) per rank: 16 bytes each. The server sends hash -1."""
-        row = torch.tensor([int(stop), hashes[0] if hashes else -1], dtype=torch.int64)
-        table = self._check_table
+    def gather_control(self, rows: torch.Tensor) -> torch.Tensor:
+        """Allgather of one control row per rank (uint8, on the host): rank r's row at index r."""
+        width = rows.shape[1]
+        table = self._control.get(width)
+        if table is None:
+            table = self._control[width] = torch.zeros(self.world_size, width, dtype=torch.uint8)
         self._arrive()
-        self.comm.Allgather(row.numpy(), table.numpy())
-        return bool(table[:, 0].any()), table[1:, 1].tolist()
+        self.comm.Allgather(rows[0].contiguous().numpy(), table.numpy())
+        self.inbound_nbytes += (self.world_size - 1) * width
+        self.outbound_nbytes += (self.world_size - 1) * width
+        return table
+
+    def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None:
+        """Set-up: this worker's tensor becomes worker 0's (Bcast among the workers, through host memory)."""
+        if self.is_server:
+            return
+        host = values[0].detach().cpu().contiguous()
+        self._workers_comm.Bcast(host.numpy(), root=0)
+        values[0].copy_(host)
+
+    def gather_objects(self, objs: list) -> list | None:
+        """Gather (pickled) of this rank's objects to the server, in worker order."""
+        gathered = self.comm.gather(objs, root=0)
+        return None if gathered is None else [obj for part in gathered[1:] for obj in part]
 
     def share(self, obj):
         return self.comm.bcast(obj, root=0)

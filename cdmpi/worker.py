@@ -1,64 +1,32 @@
-"""One worker: its data shard, parameters, algorithm state and minibatch sampler."""
+"""A built-in problem's worker: its data shard and minibatch sampler, and what it brings to each step."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .problems.classifier import EpochSampler
+from .engine import WorkerStep
 
 
-class WorkerRuntime:
-    def __init__(self, index: int, shard, algorithm_worker, x0: torch.Tensor, *, batch_size: int, seed: int,
-                 device="cpu"):
-        self.index = index
+class ProblemWorker:
+    """Worker i of `cdmpi train`: gradients and metric shares of its shard at x (its x lives in the engine)."""
+
+    def __init__(self, shard, batch_size: int, seed: int, index: int, steps_per_epoch: int = 0):
         self.shard = shard
-        self.algorithm = algorithm_worker
-        self.params = x0.to(device=device, copy=True)
-        self.batch_size = batch_size
-        if getattr(shard, "epoch_sampling", False):  # image problems: epochs without replacement
-            self.sampler = EpochSampler(shard.n_samples, batch_size, seed, index)
-        else:
-            self.sampler = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([seed, 1, index]).generate_state(1)[0]))
-        self.grad: torch.Tensor | None = None
+        self.sampler = shard.sampler(batch_size, seed, index)
+        self.steps_per_epoch = steps_per_epoch
 
-    def _rows(self) -> torch.Tensor | None:
-        if isinstance(self.sampler, EpochSampler):
-            return self.sampler.next()
-        if self.batch_size:
-            return torch.randint(self.shard.n_samples, (self.batch_size,), generator=self.sampler)
-        return None
-
-    def compute(self, want_stats: bool, want_eval: bool = False) -> torch.Tensor | None:
-        """Local gradient at the current x (kept for encode); the metric share (host float64) if asked,
-        followed by the test-set share on evaluation steps."""
-        self.grad, share = self.shard.evaluate(self.params, self._rows(), want_stats)
-        if share is not None:
-            share = share.to("cpu", torch.float64)
-            if want_eval:
-                share = torch.cat([share, self.shard.test_share(self.params)])
-        return share
-
-    def encode(self, up_frame: torch.Tensor) -> None:
-        self.algorithm.encode(self.grad, up_frame)
-
-    def update(self, down_frame: torch.Tensor, lr: float) -> None:
-        self.algorithm.update(self.params, down_frame, lr)
+    def compute(self, params: torch.Tensor, step: int, log: bool, evaluate: bool) -> WorkerStep:
+        """The gradient at x_t (kept for encode), its metric shares if `log`, and the test-set values on
+        evaluation steps (from the worker that holds the test set)."""
+        grad, shares = self.shard.evaluate(params, self.sampler.next(), log)
+        test = self.shard.test_values(params) if evaluate else None
+        if test is not None:
+            test = {"epoch": step / self.steps_per_epoch, **test}
+        return WorkerStep(grad, train=shares, eval=test)
 
     def state_dict(self) -> dict:
-        sampler = self.sampler.state_dict() if isinstance(self.sampler, EpochSampler) else self.sampler.get_state()
-        state = {"params": self.params.clone(), "algorithm": self.algorithm.state_dict(), "sampler": sampler}
-        if hasattr(self.shard, "state_dict"):
-            state["shard"] = self.shard.state_dict()
-        return state
+        return {"sampler": self.sampler.state_dict(), "shard": self.shard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.params.copy_(state["params"])
-        self.algorithm.load_state_dict(state["algorithm"])
-        if isinstance(self.sampler, EpochSampler):
-            self.sampler.load_state_dict(state["sampler"])
-        else:
-            self.sampler.set_state(state["sampler"])
-        if "shard" in state:
-            self.shard.load_state_dict(state["shard"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.shard.load_state_dict(state["shard"])

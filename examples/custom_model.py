@@ -1,25 +1,41 @@
-"""Your own model with CD-Adam: `mpiexec -n 3 python examples/custom_model.py [sharded]` (1 server + 2 workers;
-`sharded`: the workers aggregate slices of the vector among themselves)."""
-import sys
+"""Your own model with cdmpi, in a few lines: a small regression network, 200 CD-Adam steps.
+
+    python examples/custom_model.py [--workers 2] [--sharded]      # the workers in this process
+    mpiexec -n 3 python examples/custom_model.py [--sharded]       # rank 0 serves, ranks 1 and 2 train
+
+--sharded: the workers aggregate slices of the vector among themselves (comm.topology = "sharded").
+"""
+
+import argparse
 
 import torch
-from cdmpi.api import DistributedOptimizer, serve
-from cdmpi.transport import MPITransport
 
-transport = MPITransport.from_world()  # rank 0: server; ranks 1..n: workers
-torch.manual_seed(0)  # every rank starts from the same model
-model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-STEPS, w = 200, torch.randn(10, 1)
-topology = sys.argv[1] if len(sys.argv) > 1 else "star"
-if transport.is_server:
-    print("server:", serve(model, transport, STEPS, lr=0.01, topology=topology))
-else:
-    opt = DistributedOptimizer(model, transport, lr=0.01, topology=topology)
-    data = torch.Generator().manual_seed(transport.rank)
+import cdmpi
+
+STEPS = 200
+
+
+def train(run):
+    torch.manual_seed(0)  # every worker starts from the same model
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = run.optimizer(model, lr=0.01)
+    w = torch.randn(10, 1, generator=torch.Generator().manual_seed(1))  # the target map
+    data = torch.Generator().manual_seed(run.worker)  # each worker its own samples
     for step in range(STEPS):
         x = torch.randn(64, 10, generator=data)
         loss = torch.nn.functional.mse_loss(model(x), x @ w)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        run.log(loss=loss.item())
+        opt.step()
         if step in (0, STEPS - 1):
-            print(f"worker {transport.rank - 1} step {step} loss {loss.item():.4f} "
-                  f"params {opt.flat.double().sum().item():.10e}", flush=True)
+            params = torch.nn.utils.parameters_to_vector(model.parameters()).double().sum().item()
+            print(f"worker {run.worker} step {step} loss {loss.item():.4f} params {params:.10e}", flush=True)
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--workers", type=int, default=2, help="workers in this process (ignored under mpiexec)")
+parser.add_argument("--sharded", action="store_true", help="the workers aggregate the slices themselves")
+args = parser.parse_args()
+cdmpi.launch(train, workers=None if cdmpi.launched_by_mpi() else args.workers,
+             settings={"comm.topology": "sharded" if args.sharded else "star"})

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,58 @@ name = "scaled_sign"
 @pytest.fixture
 def small_config(tmp_path) -> Path:
     return write_config(tmp_path / "small.toml", SMALL_CONFIG)
+
+
+# ---- jobs that tests signal or kill -------------------------------------------------------------------
+
+def start_mpi(python_args, ranks: int, **env) -> subprocess.Popen:
+    """`mpiexec -n RANKS python PYTHON_ARGS` in its own session (so the whole job can be signalled), with
+    stdout and stderr captured."""
+    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, *map(str, python_args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(**env), start_new_session=True, cwd=REPO)
+
+
+def wait_for(predicate, job: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if job.poll() is not None:
+            pytest.fail(f"the job ended (rc {job.returncode}) before the test could act: {job.communicate()}")
+        if time.monotonic() > deadline:
+            os.killpg(job.pid, signal.SIGKILL)
+            pytest.fail(f"gave up waiting after {timeout}s")
+        time.sleep(0.05)
+
+
+def finish(job: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """The job's exit code and stderr; a job still running after `timeout` seconds fails the test."""
+    try:
+        _, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        _, err = job.communicate()
+        pytest.fail(f"the job did not end within {timeout}s; stderr: {err}")
+    return job.returncode, err
+
+
+def rank_pid(job: subprocess.Popen, rank: int) -> int:
+    """The pid of one MPI rank of the job: a descendant of mpiexec with PMI_RANK=rank in its environment."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo = [job.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            environ = []
+        if f"PMI_RANK={rank}".encode() in environ:
+            return pid
+        todo.extend(children.get(pid, []))
+    pytest.fail(f"rank {rank} of the job not found")

@@ -61,7 +61,7 @@ def test_world_of_one_rank(small_config):
 
 def test_workers_disagree_with_world(small_config):
     result = run_cdmpi(["train", small_config, "--workers", 4, "--quiet"], ranks=RANKS, timeout=TIMEOUT)
-    assert_clean_failure(result, "--workers 4 disagrees with the world size 3")
+    assert_clean_failure(result, "4 workers asked for, but the world size 3 holds 1 server + 2 workers")
 
 
 def test_existing_output_is_not_overwritten(tmp_path, small_config):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cdmpi import algorithms, checkpoint, cli, config, metrics
+from cdmpi import algorithms, checkpoint, cli, config, metrics, train
 from cdmpi.errors import CdmpiError
+from cdmpi.transport import LocalTransport
 
 from conftest import SMALL_CONFIG
 
@@ -45,15 +46,22 @@ def test_unfinished_and_damaged_checkpoints(tmp_path):
     manifest.write_text('{"format_version": 1, "step": 20, "fi')
     with pytest.raises(CdmpiError, match=f"manifest {manifest} is corrupt"):
         checkpoint.validate(manifest.parent)
-    manifest.write_text(json.dumps({"format_version": 1, "step": 20, "files": {"server.pt": {"nbytes": 3,
-                                                                                            "sha256": "0" * 64}}}))
+    with pytest.raises(CdmpiError, match=f"manifest {manifest} is corrupt: 'n_workers, world_size"):
+        manifest.write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION, "step": 20, "files": {}}))
+        checkpoint.validate(manifest.parent)
+    cfg = config.from_dict({"run": {"workers": 1}})
+    manifest.write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION, "step": 20, "n_workers": 1,
+                                    "world_size": 1, "backend": "local", "d": 50, "config": cfg.to_dict(),
+                                    "config_hash": checkpoint.config_hash(cfg),
+                                    "files": {"server.pt": {"nbytes": 3, "sha256": "0" * 64}}}))
     (manifest.parent / "server.pt").write_bytes(b"abc")
     with pytest.raises(CdmpiError, match="server.pt is corrupt: its sha256"):
         checkpoint.validate(manifest.parent)
+    engine = train.build(cfg, LocalTransport(1)).engine
     with pytest.raises(CdmpiError, match="no valid checkpoint found"):
-        checkpoint.resolve(str(tmp_path), tmp_path, config.from_dict({}), 1, 2, 3)
+        engine.resume(str(tmp_path), tmp_path)
     warnings = []
-    assert checkpoint.resolve("auto", tmp_path, config.from_dict({}), 1, 2, 3, warnings.append) is None
+    assert engine.resume("auto", tmp_path, warnings.append) is None
     assert len(warnings) == 2
 
 

@@ -61,9 +61,9 @@ def test_cdadam_on_quadratic_across_chunks_matches_float64_transcription(tmp_pat
                             "problem": {"name": "quadratic", "dim": D},
                             "optim": {"algorithm": "cdadam", "lr": lr, "beta1": b1, "beta2": b2, "nu": nu},
                             "compress": {"name": "scaled_sign"}})
-    session = train.setup(cfg, LocalTransport(n), out=tmp_path / "q.h5")
-    centers = [session.workers[i].shard.center.numpy().copy() for i in range(n)]
-    train.run(session)
+    training = train.build(cfg, LocalTransport(n), out=tmp_path / "q.h5")
+    centers = [training.drivers[i].shard.center.numpy().copy() for i in range(n)]
+    training.run()
     run = metrics.read(tmp_path / "q.h5")
 
     x = np.zeros(D)  # Algorithm 1 with grad f_i(x) = x - c_i

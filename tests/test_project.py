@@ -6,6 +6,8 @@ import json
 import h5py
 import numpy as np
 
+from cdmpi.control import HEADER_NBYTES
+
 from conftest import run_cdmpi
 
 D, N, STEPS = 1001, 2, 6
@@ -50,7 +52,7 @@ def test_quadratic_mpi_bytes_timing_and_projection(tmp_path):
     result = run_cdmpi(["project", mpi, "--bandwidth", "1,100", "--latency", "1e-5", "--json"], timeout=60)
     assert result.returncode == 0, result.stderr
     star, ring = json.loads(result.stdout)
-    per_step = 2 * N * frame  # up and down through rank 0's link
+    per_step = 2 * N * (HEADER_NBYTES + frame)  # messages up and down through rank 0's link
     fixed = t["worker_compute"].mean() + t["worker_encode"].mean() + t["server_aggregate"][0] + t["worker_update"].mean()
     for gbit in (1, 100):
         expected = fixed + 2e-5 + per_step * 8 / (gbit * 1e9)
@@ -76,8 +78,10 @@ def test_projection_of_a_sharded_run_uses_the_busiest_workers_bytes(tmp_path):
         inbound = fh["comm/inbound_nbytes_per_step"][()]
         t = {k: fh["timing"][k][()] for k in fh["timing"]}
     slices = [4 + (500 + 7) // 8, 4 + (501 + 7) // 8]  # d = 1001 in two slices
-    # worker s receives its own slice of the other worker's up frame and the other slice of the down frame
-    assert inbound.tolist() == [0, slices[0] + slices[1], slices[1] + slices[0]]
+    # every rank receives the 2 other ranks' control words; worker s also its own slice of the other worker's
+    # up frame and the other slice of the down frame
+    control = 2 * HEADER_NBYTES
+    assert inbound.tolist() == [control, control + slices[0] + slices[1], control + slices[1] + slices[0]]
     result = run_cdmpi(["project", mpi, "--bandwidth", "10", "--latency", "1e-5", "--json"], timeout=60)
     assert result.returncode == 0, result.stderr
     sharded, _ = json.loads(result.stdout)

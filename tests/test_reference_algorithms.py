@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdmpi import algorithms, compress
+import cdmpi
+from cdmpi import algorithms, metrics
 from cdmpi.config import OptimConfig
 
 N_WORKERS, D, ROWS, STEPS, SEED = 4, 21, 30, 60, 5
@@ -131,32 +132,40 @@ def expected_nbytes(compressor):
     return {"scaled_sign": 4 + (D + 7) // 8, "topk": 8 * K, "identity": 4 * D}[compressor]
 
 
-# ---- the package -------------------------------------------------------------------------------------
+# ---- the package: the shipped engine, driven by a plain loop through cdmpi.launch ---------------------
 
-def package(name, compressor, a, b, x0):
-    up = compress.make(compressor, D, k=K)
-    down = compress.make(compressor, D, k=K)
-    setting = algorithms.Setting(D, N_WORKERS, up, down, OPTIM, torch.float64, SEED)
-    algorithm = algorithms.get(name, compressor)
-    workers = [algorithm.worker(setting, i) for i in range(N_WORKERS)]
-    server = algorithm.server(setting)
-    params = [torch.tensor(x0) for _ in range(N_WORKERS)]
-    xs, up_sizes = [], []
-    for _ in range(STEPS):
-        up_nbytes, down_nbytes = workers[0].up_nbytes, workers[0].down_nbytes
-        assert (server.up_nbytes, server.down_nbytes) == (up_nbytes, down_nbytes)
-        up_sizes.append(up_nbytes)
-        up_frames = torch.zeros(N_WORKERS, up_nbytes, dtype=torch.uint8)
-        down_frame = torch.zeros(down_nbytes, dtype=torch.uint8)
-        for i, w in enumerate(workers):
-            w.encode(torch.from_numpy(local_grad(a[i], b[i], params[i].numpy())), up_frames[i])
-        server.aggregate(up_frames, down_frame)
-        for i, w in enumerate(workers):
-            w.update(params[i], down_frame, LR)
-        for p in params[1:]:
-            assert torch.equal(p, params[0])  # every worker holds the same model
-        xs.append(params[0].numpy().copy())
-    return np.array(xs), up_sizes
+class Vector(torch.nn.Module):
+    """x itself as the model: the loop sets its gradient to the problem's."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x = torch.nn.Parameter(torch.tensor(x0))
+
+
+def package(name, compressor, a, b, x0, *, steps=STEPS, out=None, resume=None, settings=None):
+    """x_t for t = 1..steps from N_WORKERS in-process workers (every worker's copy checked equal), and the
+    upload frame size of each step (from the metrics file's bits, when `out` is given)."""
+    def loop(run):
+        model = Vector(x0)
+        opt = run.optimizer(model, algorithm=name, compressor=compressor, lr=LR, betas=(OPTIM.beta1, OPTIM.beta2),
+                            eps=OPTIM.nu, warmup_steps=OPTIM.warmup_steps, k=K)
+        path = []
+        for _ in range(run.step, steps):
+            model.x.grad.copy_(torch.from_numpy(local_grad(a[run.worker], b[run.worker], model.x.detach().numpy())))
+            run.log()
+            opt.step()
+            path.append(model.x.detach().numpy().copy())
+        return np.array(path)
+
+    paths = cdmpi.launch(loop, workers=N_WORKERS, out=out, resume=resume, quiet=True,
+                         settings={"run.seed": SEED, "checkpoint.every": 0, **(settings or {})})
+    for other in paths[1:]:
+        np.testing.assert_array_equal(other, paths[0])  # every worker holds the same model
+    up_sizes = None
+    if out is not None:
+        bits = metrics.read(out)["train"]["bits_up"]
+        up_sizes = (np.diff(bits) // (8 * N_WORKERS)).tolist()
+    return paths[0], up_sizes
 
 
 CASES = [("cdadam", "scaled_sign"), ("cdadam", "topk"), ("amsgrad", "identity"),
@@ -165,17 +174,17 @@ CASES = [("cdadam", "scaled_sign"), ("cdadam", "topk"), ("amsgrad", "identity"),
 
 
 @pytest.mark.parametrize("name,compressor", CASES)
-def test_matches_float64_transcription(name, compressor):
+def test_matches_float64_transcription(tmp_path, name, compressor):
     a, b, x0 = make_problem()
     want = reference(name, compressor, a, b, x0)
-    got, up_sizes = package(name, compressor, a, b, x0)
+    got, up_sizes = package(name, compressor, a, b, x0, out=tmp_path / "run.h5")
     assert np.abs(want[-1] - x0).max() > 1e-2  # the model really moved
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     if name == "onebit-adam":
         w = OPTIM.warmup_steps
-        assert up_sizes == [4 * D] * w + [expected_nbytes(compressor)] * (STEPS - w)
+        assert up_sizes == [4 * D] * w + [expected_nbytes(compressor)] * (STEPS - 1 - w)
     else:
-        assert set(up_sizes) == {expected_nbytes(compressor)}
+        assert set(up_sizes) == {expected_nbytes(compressor)} and len(up_sizes) == STEPS - 1
 
 
 def test_naive_and_error_feedback_really_differ():
@@ -201,43 +210,16 @@ def test_auto_picks_the_default_compressor(name):
     assert algorithms.compressor_for(name, "auto") == want
 
 
-def _steps(workers, server, params, a, b, count):
-    for _ in range(count):
-        up_frames = torch.zeros(N_WORKERS, workers[0].up_nbytes, dtype=torch.uint8)
-        down_frame = torch.zeros(workers[0].down_nbytes, dtype=torch.uint8)
-        for i, w in enumerate(workers):
-            w.encode(torch.from_numpy(local_grad(a[i], b[i], params[i].numpy())), up_frames[i])
-        server.aggregate(up_frames, down_frame)
-        for i, w in enumerate(workers):
-            w.update(params[i], down_frame, LR)
-
-
 @pytest.mark.parametrize("name,compressor", [*CASES, ("amsgrad-ef", "randk"), ("onebit-adam", "randk"),
                                              ("cdadam", "randk")])
-def test_state_dict_resume_is_bit_exact(name, compressor):
-    """Stop after 25 steps (onebit-adam: past its warm-up), rebuild from state_dict, continue: the same bits
-    as an uninterrupted run. Covers the error memories, the stream counters and the warm-up step."""
+def test_checkpoint_resume_is_bit_exact(tmp_path, name, compressor):
+    """Stop after 25 steps (onebit-adam: past its warm-up) with the run's checkpoint, resume to 40: the same
+    bits as 40 steps in one go. Covers the error memories, the stream counters and the warm-up step, on
+    every rank's side (the server's too)."""
     a, b, x0 = make_problem()
-
-    def build():
-        up, down = compress.make(compressor, D, k=K), compress.make(compressor, D, k=K)
-        setting = algorithms.Setting(D, N_WORKERS, up, down, OPTIM, torch.float64, SEED)
-        algorithm = algorithms.get(name, compressor)
-        return [algorithm.worker(setting, i) for i in range(N_WORKERS)], algorithm.server(setting)
-
-    workers, server = build()
-    straight = [torch.tensor(x0) for _ in range(N_WORKERS)]
-    _steps(workers, server, straight, a, b, 40)
-
-    workers, server = build()
-    resumed = [torch.tensor(x0) for _ in range(N_WORKERS)]
-    _steps(workers, server, resumed, a, b, 25)
-    states = [w.state_dict() for w in workers], server.state_dict()
-    workers, server = build()
-    for w, state in zip(workers, states[0]):
-        w.load_state_dict(state)
-    server.load_state_dict(states[1])
-    _steps(workers, server, resumed, a, b, 15)
-    for x, y in zip(straight, resumed):
-        assert torch.equal(x, y)
-    assert not torch.equal(straight[0], torch.tensor(x0))
+    straight, _ = package(name, compressor, a, b, x0, steps=40)
+    first, _ = package(name, compressor, a, b, x0, steps=25, out=tmp_path / "run.h5")
+    rest, _ = package(name, compressor, a, b, x0, steps=40, out=tmp_path / "run.h5", resume="auto")
+    assert len(rest) == 15
+    np.testing.assert_array_equal(np.concatenate([first, rest]), straight)
+    assert not np.array_equal(straight[-1], x0)

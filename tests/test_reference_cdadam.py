@@ -76,15 +76,16 @@ def test_cdadam_matches_float64_transcription(tmp_path):
         "optim": {"algorithm": "cdadam", "lr": LR, "beta1": BETA1, "beta2": BETA2, "nu": NU},
         "compress": {"name": "scaled_sign"},
     })
-    session = train.setup(cfg, LocalTransport(N_WORKERS), out=tmp_path / "run.h5")
-    train.run(session)
+    training = train.build(cfg, LocalTransport(N_WORKERS), out=tmp_path / "run.h5")
+    training.run()
     x_ref, losses, grad_norms = algorithm_1(a, y, STEPS)
 
-    x_pkg = session.workers[0].params.numpy()
+    workers = training.engine.workers
+    x_pkg = workers[0].params.numpy()
     assert np.abs(x_ref).max() > 1e-2, "the run moved away from x_1 = 0"
     np.testing.assert_allclose(x_pkg, x_ref, rtol=1e-10, atol=1e-12)
-    for worker in session.workers[1:]:
-        assert torch.equal(worker.params, session.workers[0].params)
+    for worker in workers[1:]:
+        assert torch.equal(worker.params, workers[0].params)
     run = metrics.read(tmp_path / "run.h5")
     np.testing.assert_allclose(run["train"]["loss"], losses, rtol=1e-10)
     np.testing.assert_allclose(run["train"]["grad_norm_sq"], grad_norms, rtol=1e-8)

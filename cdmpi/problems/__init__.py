@@ -20,7 +20,6 @@ class Built:
     x0: torch.Tensor
     shards: dict  # worker index -> shard, for the workers that live in this process
     description: str
-    share_layout: str = "gradient"  # gradient: shares are [f, grad f]; norms: [loss, ||g||^2] (+ test set)
     steps_per_epoch: int = 0  # 0: the problem has no epochs
 
 
@@ -73,7 +72,7 @@ def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> B
     return Built(x0.numel(), x0, shards,
                  f"{cfg.problem.model} on {ds.name}: {len(ds.train_labels)} training and "
                  f"{len(ds.test_labels)} test images, {x0.numel()} parameters",
-                 share_layout="norms", steps_per_epoch=smallest // cfg.data.batch_size)
+                 steps_per_epoch=smallest // cfg.data.batch_size)
 
 
 def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:

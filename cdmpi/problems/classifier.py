@@ -13,64 +13,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import images as imagesets
+from .sampling import EpochSampler, seed_key
 
 EVAL_BATCH = 1000
-# Share vector of one worker: [loss / n, ||g_i||^2 / n] on every logged step, then on evaluation steps
-# [test loss sum, correct, count] (worker 0 only; the others send zeros).
-TRAIN_SHARE = 2
-EVAL_SHARE = 3
 
 
-def flatten_(module: nn.Module, flat: torch.Tensor, flat_grad: torch.Tensor) -> None:
-    """Make module's parameters views into flat, and their .grad views into flat_grad (same layout as
+def flatten_(params, flat: torch.Tensor, flat_grad: torch.Tensor) -> None:
+    """Make the parameters views into flat, and their .grad views into flat_grad (the layout of
     torch.nn.utils.parameters_to_vector)."""
     offset = 0
-    for p in module.parameters():
+    for p in params:
         n = p.numel()
         p.data = flat[offset:offset + n].view_as(p)
         p.grad = flat_grad[offset:offset + n].view_as(p)
         offset += n
     if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} entries, the module {offset}")
-
-
-class EpochSampler:
-    """Minibatches without replacement: a fresh seeded permutation of the shard each epoch, the last
-    partial batch dropped. Its state is (epoch, position), so a resume continues the same sequence."""
-
-    def __init__(self, n_samples: int, batch_size: int, seed: int, index: int):
-        self.n_samples, self.batch_size, self.seed, self.index = n_samples, batch_size, seed, index
-        self.steps_per_epoch = n_samples // batch_size
-        self.epoch, self.position = 0, 0
-        self._order = None
-
-    def next(self) -> torch.Tensor:
-        if self.position == self.steps_per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        if self._order is None:
-            generator = torch.Generator().manual_seed(_key(self.seed, 2, self.index, self.epoch))
-            self._order = torch.randperm(self.n_samples, generator=generator)
-        start = self.position * self.batch_size
-        self.position += 1
-        return self._order[start:start + self.batch_size]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
-
-
-def _key(*parts: int) -> int:
-    import numpy as np
-
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+        raise ValueError(f"flat vector has {flat.numel()} entries, the parameters {offset}")
 
 
 class ImageShard:
     """Worker i's network, its part of the training images and (worker 0 only) the test set."""
-
-    epoch_sampling = True
 
     def __init__(self, module: nn.Module, train_images, train_labels, *, mean, std, augment: bool,
                  n_workers: int, weight_decay: float, seed: int, index: int, test=None, dtype, device):
@@ -94,16 +56,20 @@ class ImageShard:
     def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
         x = imagesets.to_float(images).to(self.dtype)
         if augment:
-            x = imagesets.augment(x, torch.Generator().manual_seed(_key(self.seed, 3, self.index, self.step)))
+            x = imagesets.augment(x, torch.Generator().manual_seed(seed_key(self.seed, 3, self.index, self.step)))
         return (x - self.mean) / self.std
 
     def bind(self, x: torch.Tensor) -> None:
         if self._bound is not x:
-            flatten_(self.module, x, self.flat_grad)
+            flatten_(self.module.parameters(), x, self.flat_grad)
             self._bound = x
 
+    def sampler(self, batch_size: int, seed: int, index: int) -> EpochSampler:
+        return EpochSampler(self.n_samples, batch_size, seed, index)
+
     def evaluate(self, x: torch.Tensor, rows: torch.Tensor, want_share: bool = False):
-        """(g_i, share): the minibatch gradient plus weight_decay * x, and [loss / n, ||g_i||^2 / n]."""
+        """(g_i, shares): the minibatch gradient plus weight_decay * x, and the shares {"loss": loss / n,
+        "grad_norm_sq": ||g_i||^2 / n}, which add up to the means over the workers."""
         self.bind(x)
         self.module.train()
         self.flat_grad.zero_()
@@ -117,15 +83,16 @@ class ImageShard:
         share = None
         if want_share:
             share = torch.stack([loss.detach().double(), torch.dot(grad, grad).double()]) / self.n_workers
+            share = {"loss": share[0], "grad_norm_sq": share[1]}
         return grad, share
 
     @torch.no_grad()
-    def test_share(self, x: torch.Tensor) -> torch.Tensor:
-        """[test loss sum, correct, count] over the whole test set (eval mode: this worker's BN statistics);
-        zeros on workers without the test set."""
-        out = torch.zeros(EVAL_SHARE, dtype=torch.float64)
+    def test_values(self, x: torch.Tensor) -> dict | None:
+        """{"loss": mean cross-entropy, "accuracy"} over the whole test set (eval mode: this worker's BN
+        statistics), on the worker that holds it; None on the others."""
         if self.test is None:
-            return out
+            return None
+        out = torch.zeros(3, dtype=torch.float64)
         self.bind(x)
         self.module.eval()
         images, labels = self.test
@@ -135,7 +102,8 @@ class ImageShard:
             out[0] += float(F.cross_entropy(logits.double(), target, reduction="sum"))
             out[1] += float((logits.argmax(1) == target).sum())
         out[2] = len(labels)
-        return out
+        loss_sum, correct, count = (float(v) for v in out)
+        return {"loss": loss_sum / count, "accuracy": correct / count}
 
     def state_dict(self) -> dict:
         buffers = {k: v.clone() for k, v in self.module.state_dict().items() if "running" in k or "batches" in k}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CdmpiError
+from .sampling import RandomRows
 
 MAX_DENSE_ELEMENTS = 400_000_000  # 3.2 GB in float64 per shard
 
@@ -19,8 +20,8 @@ def regulariser(x: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor
 class LogRegShard:
     """Worker i's part: f_i(x) = mean over its rows of the logistic loss + the regulariser.
 
-    ``evaluate`` also returns this worker's *share* of the full objective: its loss sum / N plus
-    regulariser / n, so that the server recovers f(x) and grad f(x) by adding the n shares.
+    ``evaluate`` also returns this worker's *share* of the full objective, [f, grad f] with its loss sum / N
+    plus regulariser / n, so that the server recovers f(x) and grad f(x) by adding the n shares.
     """
 
     def __init__(self, features, labels, *, n_total: int, n_workers: int, reg: float, dtype, device):
@@ -39,9 +40,21 @@ class LogRegShard:
     def n_samples(self) -> int:
         return self.features.shape[0]
 
+    def sampler(self, batch_size: int, seed: int, index: int) -> RandomRows:
+        return RandomRows(self.n_samples, batch_size, seed, index)
+
+    def test_values(self, x: torch.Tensor) -> None:
+        return None  # no test set
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def evaluate(self, x: torch.Tensor, rows: torch.Tensor | None = None, want_share: bool = False):
-        """(g_i, share): the local gradient (over `rows`, or all rows) and, if asked, the share vector
-        [loss share, gradient share...] in float64."""
+        """(g_i, shares): the local gradient (over `rows`, or all rows) and, if asked, the metric shares
+        {"loss_and_grad": [loss share, gradient share...]} in float64."""
         a = self.features if rows is None else self.features.index_select(0, rows)
         y = self.labels if rows is None else self.labels.index_select(0, rows)
         margin = y * (a @ x)
@@ -55,5 +68,5 @@ class LogRegShard:
             else:
                 loss = F.softplus(-margin).sum() / self.n_total + reg_value / self.n_workers
                 grad_share = grad_sum / self.n_total + reg_grad / self.n_workers
-                share = torch.cat([loss.reshape(1), grad_share]).to(torch.float64)
+                share = {"loss_and_grad": torch.cat([loss.reshape(1), grad_share]).to(torch.float64)}
         return grad, share

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .sampling import RandomRows
+
 
 class QuadraticShard:
     def __init__(self, d: int, index: int, n_workers: int, seed: int, dtype, device):
@@ -17,11 +19,24 @@ class QuadraticShard:
         self.n_samples = 1
         self.d = d
 
+    def sampler(self, batch_size: int, seed: int, index: int) -> RandomRows:
+        return RandomRows(self.n_samples, 0, seed, index)  # one "sample": the whole objective
+
+    def test_values(self, x: torch.Tensor) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def evaluate(self, x: torch.Tensor, rows=None, want_share: bool = False):
-        """(g_i, share): g_i = x - c_i (in a buffer reused every step); share = [f_i / n, g_i / n] in float64."""
+        """(g_i, shares): g_i = x - c_i (in a buffer reused every step); shares {"loss_and_grad":
+        [f_i / n, g_i / n]} in float64."""
         torch.sub(x, self.center, out=self.grad)
         share = None
         if want_share:
             g = self.grad.to(torch.float64)
-            share = torch.cat([(0.5 * torch.dot(g, g)).reshape(1), g]) / self.n_workers
+            share = {"loss_and_grad": torch.cat([(0.5 * torch.dot(g, g)).reshape(1), g]) / self.n_workers}
         return self.grad, share

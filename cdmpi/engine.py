@@ -1,0 +1,502 @@
+"""The engine: one process's part of a training run, and the only step loop.
+
+An engine owns, for the workers that live in its process and for the server where it runs there:
+
+- the step pipeline (``cdmpi.exchange``): frame buffers, encode, exchange (star or sharded), aggregate,
+  then the update of every local worker's x;
+- the decision of each step, made from the control words that travel with the frames
+  (``cdmpi.control``): metrics rows, checkpoints, the SIGTERM stop, the end of the run, and the fault
+  checks (a non-finite gradient, copies of x that differ, workers out of step);
+- the metrics file (on the server) and checkpoints of every role's state, with resume
+  (``cdmpi.checkpoint``).
+
+Three drivers step it, all through ``Engine.step``: ``serve()`` (a process without workers, MPI rank 0,
+steps until the workers end the run), ``run_problem()`` (``cdmpi train``: the built-in problems' T
+steps) and ``cdmpi.api`` (a user's own loop: one step per ``optimizer.step()``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, algorithms, checkpoint, devices
+from .config import Config
+from .control import Decision, Flag, Header, decide, x_checksum
+from .errors import AgreedError, CdmpiError, RunStopped
+from .exchange import FrameExchange
+from .metrics import MetricsWriter
+from .timing import PHASES, PhaseTimer
+
+FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class WorkerStep:
+    """What one worker brings to a step: its gradient g_t at x_t (None when it is done), the learning rate,
+    the metric values of row t (a dict each, or None when it logs nothing this step), whether it takes no
+    more steps, and whether it asks for a checkpoint after this step (or, when done, of the end)."""
+
+    grad: torch.Tensor | None = None
+    lr: float = 0.0
+    train: dict | None = None
+    eval: dict | None = None
+    done: bool = False
+    checkpoint: bool = False
+
+
+class LocalWorker:
+    """A worker that lives in this process: x, its half of the algorithm, and what its driver keeps (a
+    problem's sampler, a user's model buffers and random state), all in its checkpoint file."""
+
+    def __init__(self, index: int, params: torch.Tensor, algorithm, driver_state: Stateful):
+        self.index = index
+        self.params = params
+        self.algorithm = algorithm
+        self.driver_state = driver_state
+
+    def state_dict(self) -> dict:
+        return {"params": self.params.clone(), "algorithm": self.algorithm.state_dict(),
+                **self.driver_state.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.params.copy_(state["params"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.driver_state.load_state_dict({k: v for k, v in state.items() if k not in ("params", "algorithm")})
+
+
+class ServerLog:
+    """The server's record of the run: the bits sent so far, the wall time, and the metrics rows."""
+
+    def __init__(self, n_workers: int, reduce: Callable[[list[dict]], dict]):
+        self.n_workers = n_workers
+        self.reduce = reduce
+        self.writer: MetricsWriter | None = None
+        self.bits_up = 0
+        self.bits_down = 0
+        self.start_time = time.perf_counter()
+        self.last_row: dict | None = None
+        self.last_eval: dict | None = None
+
+    def record(self, step: int, group: str, values: list[dict]) -> dict:
+        """A row of `group` at `step` from the values the workers gave (worker order), with the bits so far."""
+        row = {"step": step, **self.reduce(values), "bits_up": self.bits_up, "bits_down": self.bits_down}
+        if group == "train":
+            row["wall_time"] = time.perf_counter() - self.start_time
+            self.last_row = row
+        else:
+            self.last_eval = row
+        if self.writer is not None:
+            self.writer.append(group, row)
+        return row
+
+    def count(self, up, down) -> None:
+        """One step's frames: n upload frames, and the download frame to each of the n workers."""
+        self.bits_up += 8 * up.frame_nbytes * self.n_workers
+        self.bits_down += 8 * down.frame_nbytes * self.n_workers
+
+    def state_dict(self) -> dict:
+        return {"bits_up": self.bits_up, "bits_down": self.bits_down,
+                "wall_time": time.perf_counter() - self.start_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bits_up = int(state["bits_up"])
+        self.bits_down = int(state["bits_down"])
+        self.start_time = time.perf_counter() - float(state["wall_time"])  # wall_time continues
+
+
+class ServerRole:
+    """server.pt: the star topology's algorithm server (none in the sharded one) and the server's log."""
+
+    def __init__(self, algorithm_server, log: ServerLog):
+        self.algorithm_server = algorithm_server
+        self.log = log
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.algorithm_server.state_dict() if self.algorithm_server else {},
+                **self.log.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.algorithm_server is not None:
+            self.algorithm_server.load_state_dict(state["algorithm"])
+        self.log.load_state_dict(state)
+
+
+class FaultHooks:
+    """Fault injection for the reliability tests, from environment variables; inert when unset.
+    CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W at step T (after its gradient).
+    CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last)."""
+
+    def __init__(self, environ=os.environ):
+        perturb = environ.get("CDMPI_TEST_PERTURB_X", "")
+        self.perturb = tuple(int(v) for v in perturb.split(":")) if perturb else None
+        self.sleep = float(environ.get("CDMPI_TEST_STEP_SLEEP", "0") or 0)
+
+    def before_step(self, t: int, workers: Sequence[LocalWorker]) -> None:
+        for w in workers:
+            if self.perturb == (w.index, t):
+                w.params[0] += 1e-9
+        if self.sleep and workers:
+            time.sleep(self.sleep)
+
+
+def _finite(step: WorkerStep) -> bool:
+    """The gradient and every metric value the worker brings are finite."""
+    for value in [step.grad, *(step.train or {}).values()]:
+        if isinstance(value, torch.Tensor):
+            if not bool(torch.isfinite(value).all()):
+                return False
+        elif isinstance(value, np.ndarray):
+            if not np.isfinite(value).all():
+                return False
+        elif isinstance(value, float) and not math.isfinite(value):
+            return False
+    return True
+
+
+def _portable(values: dict | None) -> dict | None:
+    """Metric values as they travel to the server: tensors become host NumPy arrays (or floats)."""
+    if values is None:
+        return None
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = float(value) if value.dim() == 0 else value.numpy()
+        out[key] = value
+    return out
+
+
+class Engine:
+    """One process's part of one run. Build it with ``build``."""
+
+    def __init__(self, cfg: Config, transport, exchange: FrameExchange, workers: list[LocalWorker], *, d: int,
+                 reduce: Callable[[list[dict]], dict], attrs: dict, description: str):
+        self.cfg = cfg
+        self.transport = transport
+        self.exchange = exchange
+        self.workers = workers
+        self.d = d
+        self.attrs = attrs
+        self.description = description
+        self.timer = exchange.timer
+        self.log = ServerLog(transport.n_workers, reduce) if transport.is_server else None
+        self.step_count = 0  # steps taken: the run is at x_{step_count}
+        self.checkpoint_root: Path | None = None  # None: no checkpoints
+        self.last_checkpoint: Path | None = None  # on the server
+        self.stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM
+        self.progress_total: int | None = None  # the server shows a progress bar when this is set
+        self.ended = False
+        self._hooks = FaultHooks()
+        self._bar = None
+        self._begun = False
+        self._traffic = None
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+
+    def open_metrics(self, out: str | Path, *, overwrite: bool = False, resume_step: int | None = None) -> None:
+        """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued."""
+        if self.log is not None:
+            self.log.writer = MetricsWriter(out, self.attrs, flush_every=self.cfg.run.flush_every,
+                                            overwrite=overwrite, resume_step=resume_step)
+
+    def resume(self, spec: str, root: Path, warn=None) -> int | None:
+        """Collective: restore every role's state from a checkpoint (see checkpoint.restore); returns its
+        step, or None when `auto` found none."""
+        start = checkpoint.restore(self, spec, root, warn=warn)
+        if start is not None:
+            self.step_count = start
+        return start
+
+    def roles(self) -> dict[str, tuple[str, Stateful]]:
+        """file name -> (role, state holder) for the roles that live in this process."""
+        roles = {f"worker-{w.index:04d}.pt": ("worker", w) for w in self.workers}
+        roles.update({f"slice-{s:04d}.pt": ("slice", server) for s, server in self.exchange.slice_servers.items()})
+        if self.log is not None:
+            roles["server.pt"] = ("server", ServerRole(self.exchange.server, self.log))
+        return roles
+
+    def checksums(self) -> dict[int, int]:
+        return {w.index: x_checksum(w.params) for w in self.workers}
+
+    def flush_metrics(self) -> None:
+        if self.log is not None and self.log.writer is not None:
+            self.log.writer.flush()
+
+    @property
+    def last_row(self) -> dict | None:
+        return self.log.last_row if self.log is not None else None
+
+    def _begin(self) -> None:
+        """Collective, before the first step: every rank's device and frame path into the metrics file, and
+        the agreement on how ranks wait in collectives (comm.wait)."""
+        self._begun = True
+        transport = self.transport
+        device = self.exchange.frame_device
+        votes = transport.allgather((f"{device} {transport.path}", transport.wants_sleep(self.cfg.comm.wait, self.d)))
+        paths = [path for path, _ in votes]
+        sleep = transport.agree_wait([vote for _, vote in votes])
+        if self.log is not None and self.log.writer is not None:
+            self.log.writer.set_attrs({"comm_paths": json.dumps(paths),
+                                       "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths))),
+                                       "comm_wait": "sleep" if sleep else "spin"})
+        if self.log is not None and self.progress_total is not None and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.progress_total or None, initial=self.step_count, unit="step",
+                             dynamic_ncols=True, leave=True)
+        self.timer.start()
+
+    # ---- the step ---------------------------------------------------------------------------------------
+
+    def step(self, inputs: Sequence[WorkerStep]) -> Decision:
+        """One step of the run for this process: inputs[i] is what its i-th local worker brings. Returns the
+        decision; raises AgreedError (every rank) on a fault and RunStopped after a SIGTERM checkpoint."""
+        if self.ended:
+            raise CdmpiError("this run has ended; it takes no more steps")
+        if len(inputs) != len(self.workers):
+            raise ValueError(f"{len(inputs)} worker inputs for {len(self.workers)} local workers")
+        if not self._begun:
+            self._begin()
+        try:
+            decision = self._step(inputs)
+        except (AgreedError, RunStopped):
+            self._end()  # every rank ends here together; the rows so far go to the file
+            raise
+        if Flag.DONE in decision:
+            self._finish()
+        return decision
+
+    def _step(self, inputs: Sequence[WorkerStep]) -> Decision:
+        t, timer = self.step_count, self.timer
+        timer.lap("metrics" if any(s.done for s in inputs) else "compute")  # the last gradient feeds the last row
+        self._hooks.before_step(t, self.workers)
+        stop = self.stop_requested()
+        headers = [self._header(t, w, s, stop) for w, s in zip(self.workers, inputs)]
+        timer.lap("checkpoint")  # the checks of x
+        encoders = [lambda row, w=w, s=s: w.algorithm.encode(s.grad, row) for w, s in zip(self.workers, inputs)]
+        decision, down = self.exchange.run(t, headers, encoders, stop, self._decide)
+        if Flag.ABORT in decision:
+            raise AgreedError(decision.error or "the run was stopped by the server (rank 0 says why)")
+        done = Flag.DONE in decision
+        if not done:
+            for w, s in zip(self.workers, inputs):
+                w.algorithm.update(w.params, down, s.lr)
+            timer.lap("update")
+        if decision.flags & (Flag.LOG | Flag.EVAL):
+            self._record(t, decision, inputs)
+        if not done:
+            if self.log is not None:
+                self.log.count(*self.exchange.frames(t))
+            self.step_count = t + 1
+            timer.steps += 1
+            self._traffic = self.transport.traffic()  # per step: the optimizer steps' bytes, not the end's
+            if self._bar is not None:
+                self._bar.update(1)
+        if Flag.CHECKPOINT in decision and self.checkpoint_root is not None:
+            path = checkpoint.save(self, self.step_count, self.checkpoint_root)
+            self.last_checkpoint = path or self.last_checkpoint
+            timer.lap("checkpoint")
+        if Flag.STOP in decision:
+            raise RunStopped(self.step_count, self.last_checkpoint)
+        return decision
+
+    def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool) -> Header:
+        flags = Flag.NONE
+        if s.train is not None:
+            flags |= Flag.LOG
+        if s.eval is not None:
+            flags |= Flag.EVAL
+        if stop:
+            flags |= Flag.STOP
+        if s.done:
+            flags |= Flag.DONE
+        if s.checkpoint:
+            flags |= Flag.CHECKPOINT
+        if not _finite(s):
+            flags |= Flag.NONFINITE
+        checksum = 0
+        if t % self.cfg.checkpoint.check_every == 0:
+            flags |= Flag.CHECK
+            checksum = x_checksum(worker.params)
+        return Header(flags, t, checksum, float(s.lr))
+
+    def _decide(self, headers: list[Header], stop: bool) -> Decision:
+        decision = decide(self.step_count, headers, stop, checkpoint_every=self.cfg.checkpoint.every,
+                          worker_rank=self.transport.worker_rank)
+        if Flag.ABORT in decision and decision.error.startswith(("non-finite", "the workers' copies")):
+            if self.last_checkpoint is not None:
+                note = f"the last checkpoint, {self.last_checkpoint}, holds the last good state"
+            elif self.checkpoint_root is not None and checkpoint.list_checkpoints(self.checkpoint_root):
+                note = f"the checkpoints in {self.checkpoint_root} hold good states"
+            else:
+                note = "no checkpoint of this run holds a good state"
+            decision = Decision(decision.flags, f"{decision.error}; {note}")
+        return decision
+
+    def _record(self, t: int, decision: Decision, inputs: Sequence[WorkerStep]) -> None:
+        gathered = self.transport.gather_objects([(_portable(s.train), _portable(s.eval)) for s in inputs])
+        if self.log is not None:
+            if Flag.LOG in decision:
+                row = self.log.record(t, "train", [train for train, _ in gathered if train is not None])
+                if self._bar is not None:
+                    self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                                          grad_norm_sq=f"{row.get('grad_norm_sq', float('nan')):.3g}", refresh=False)
+            if Flag.EVAL in decision:
+                self.log.record(t, "eval", [ev for _, ev in gathered if ev is not None])
+        self.timer.lap("metrics")
+
+    def serve(self) -> dict | None:
+        """The server's loop (a process without workers): step until the workers end the run."""
+        while Flag.DONE not in self.step([]).flags:
+            pass
+        return self.last_row
+
+    # ---- the end ------------------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Collective, after the last step: time per phase, bytes per rank and the final x into the file."""
+        try:
+            if self.log is not None and self.log.writer is not None:
+                self.log.writer.set_attrs({"final_step": self.step_count})
+            self._record_timing()
+            self._record_traffic()
+            if self.d * self.transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
+                self._record_final_params()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.log is not None and self.log.writer is not None:
+            self.log.writer.close()
+
+    def _record_timing(self) -> None:
+        """timing/worker_<phase> (seconds per step of each worker's process, gathered) and
+        timing/server_<phase> (the server's process). On the in-process backend one process runs
+        everything, so each worker's row is that process's time divided by n."""
+        own = self.timer.per_step()
+        local = len(self.workers)
+        rows = (own / local).repeat(local, 1) if local else torch.zeros(0, len(PHASES), dtype=torch.float64)
+        gathered = self.transport.gather_stats(rows)
+        if self.log is None or self.log.writer is None:
+            return
+        for j, phase in enumerate(PHASES):
+            self.log.writer.write_array(f"timing/worker_{phase}", gathered[:, j].numpy())
+            self.log.writer.write_array(f"timing/server_{phase}", own[j:j + 1].numpy())
+
+    def _record_traffic(self) -> None:
+        """comm/inbound_nbytes_per_step and comm/outbound_nbytes_per_step, one value per rank (where bytes
+        cross links): the bytes each rank received from and sent to other ranks per optimizer step, frames and
+        control words, from the buffers and counts handed to the library (set-up and the run's last exchange,
+        which ends it, are not steps)."""
+        if self.transport.traffic() is None:
+            return
+        own = self._traffic or (0, 0)
+        per_rank = self.transport.allgather(own)
+        steps = max(self.timer.steps, 1)
+        if self.log is not None and self.log.writer is not None:
+            for j, direction in enumerate(("inbound", "outbound")):
+                self.log.writer.write_array(f"comm/{direction}_nbytes_per_step",
+                                            np.array([row[j] / steps for row in per_rank], dtype=np.float64))
+
+    def _record_final_params(self) -> None:
+        """Gather every worker's x; the server checks the copies agree and stores worker 0's."""
+        rows = torch.stack([w.params.detach().to("cpu", torch.float64) for w in self.workers]) if self.workers \
+            else torch.zeros(0, self.d, dtype=torch.float64)
+        gathered = self.transport.gather_stats(rows)
+        if self.log is None:
+            return
+        differing = [i for i in range(1, gathered.shape[0]) if not torch.equal(gathered[i], gathered[0])]
+        if differing:
+            raise CdmpiError(f"workers {differing} ended with parameters that differ from worker 0's")
+        if self.log.writer is not None:
+            self.log.writer.write_array("final/params", gathered[0].numpy())
+
+
+def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[int, torch.Tensor],
+          driver_states: dict[int, Stateful], worker_device: torch.device, reduce: Callable[[list[dict]], dict],
+          description: str) -> Engine:
+    """The engine of this process: its workers start from params[i] (their x, used in place) with
+    driver_states[i] checkpointed beside them. Raises CdmpiError on bad input."""
+    n = transport.n_workers
+    server_device = devices.resolve(cfg.comm.server_device, transport.local_rank)
+    frame_device = worker_device if transport.worker_indices else server_device
+    if "cuda" in (worker_device.type, server_device.type):
+        devices.use_deterministic_kernels(cfg.run.deterministic)
+    transport.configure(cfg.comm.cuda_aware, frame_device)
+    compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
+    algorithm = algorithms.get(cfg.optim.algorithm, compressor)
+    setting = algorithms.make_setting(compressor, d, n, cfg.optim, dtype, cfg.run.seed, topology=cfg.comm.topology,
+                                      ratio=cfg.compress.ratio, k=cfg.compress.k)
+    exchange = FrameExchange(transport, algorithm, setting, topology=cfg.comm.topology, frame_device=frame_device,
+                             server_device=server_device, worker_device=worker_device,
+                             n_local=len(transport.worker_indices), timer=PhaseTimer())
+    workers = [LocalWorker(i, params[i], algorithm.worker(setting, i, worker_device), driver_states[i])
+               for i in transport.worker_indices]
+    up, down = setting.up, setting.down
+    attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm, "topology": cfg.comm.topology,
+             "compressor": compressor, "n_workers": n, "dim": d, "world_size": transport.world_size,
+             "backend": transport.name, "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
+             "problem": description, "up_frame_nbytes": up.frame_nbytes, "down_frame_nbytes": down.frame_nbytes}
+    first_up, first_down = exchange.frames(0)
+    if (first_up.frame_nbytes, first_down.frame_nbytes) != (up.frame_nbytes, down.frame_nbytes):
+        # onebit-adam's fp32 warm-up frames come first; up/down_frame_nbytes are the frames after it
+        attrs.update(warmup_up_frame_nbytes=first_up.frame_nbytes, warmup_down_frame_nbytes=first_down.frame_nbytes)
+    return Engine(cfg, transport, exchange, workers, d=d, reduce=reduce, attrs=attrs, description=description)
+
+
+# ---- the built-in problems' loop ------------------------------------------------------------------------
+
+class ProblemDriver(Protocol):
+    """A built-in problem's worker (cdmpi.worker.ProblemWorker): gradients and metric shares at x."""
+
+    def compute(self, params: torch.Tensor, step: int, log: bool, evaluate: bool) -> WorkerStep: ...
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When a built-in problem's run logs, evaluates and ends, and its learning rate per step."""
+
+    steps: int
+    log_every: int
+    steps_per_epoch: int = 0  # 0: no epochs, no evaluation
+    lr: Callable[[int], float] = lambda step: 0.0
+
+    def is_eval(self, step: int) -> bool:
+        """Test-set evaluation: at the start, after every epoch, and after the last step."""
+        spe = self.steps_per_epoch
+        return bool(spe) and (step % spe == 0 or step == self.steps)
+
+
+def run_problem(engine: Engine, drivers: Sequence[ProblemDriver], schedule: Schedule) -> dict | None:
+    """cdmpi train: steps engine.step_count .. T of the local workers (drivers[i] for engine.workers[i]),
+    the last one only for the metrics row of x_T; a process without workers serves. Returns the last
+    metrics row on the server."""
+    if not engine.workers:
+        return engine.serve()
+    for t in range(engine.step_count, schedule.steps + 1):
+        evaluate = schedule.is_eval(t)
+        log = t == schedule.steps or evaluate or t % schedule.log_every == 0
+        inputs = [d.compute(w.params, t, log, evaluate) for d, w in zip(drivers, engine.workers)]
+        for s in inputs:  # the last checkpoint holds x_T before the gradient of the last row draws its batch
+            s.lr, s.done, s.checkpoint = schedule.lr(t), t == schedule.steps, t == schedule.steps - 1
+        engine.step(inputs)
+    return engine.last_row
