@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -436,8 +437,8 @@ class _Job:
                 raise SetupFailed()
         self._build(cfg, hellos[0], {i: self.runs[i] for i in transport.worker_indices})
 
-    def serve(self) -> None:
-        """The server's side of the set-up (MPI rank 0), then its loop."""
+    def set_up_server(self) -> None:
+        """The server's side of the set-up (MPI rank 0): it agrees the config from the workers' hellos."""
         hellos = self.transport.collect(None)[1:]
         cfg = None
         try:
@@ -450,38 +451,36 @@ class _Job:
         self._build(cfg, hellos[0], {})
 
     def _build(self, cfg: Config, hello: dict, runs_here: dict[int, Run]) -> None:
+        """Every worker starts from worker 0's parameters and buffers (however each seeded); then, as agreed
+        phases, this process's engine and the resume or fresh start."""
         transport = self.transport
-        description = f"own model {hello['model']}: {hello['d']} parameters"
-        job = self
-        if runs_here:  # every worker starts from worker 0's parameters and buffers, however it seeded
+        if runs_here:
             models = [runs_here[i]._optimizer for i in sorted(runs_here)]
             with torch.no_grad():
                 transport.bcast_from_worker_0([opt.flat for opt in models])
                 for name, _, _ in hello["buffers"]:
                     transport.bcast_from_worker_0([dict(opt.model.named_buffers())[name] for opt in models])
-
-        def build():
-            job.engine = engines.build(cfg, transport, d=hello["d"], dtype=getattr(torch, hello["dtype"]),
-                                       params={i: r._optimizer.flat for i, r in runs_here.items()},
-                                       driver_states=runs_here,
-                                       worker_device=next(iter(runs_here.values()))._optimizer.flat.device
-                                       if runs_here else self.worker_device,
-                                       reduce=mean_of_workers, description=description)
-
-        def start():
-            step = runs.start(job.engine, self.out, resume=self.resume, overwrite=self.overwrite,
-                              warn=log.LOGGER.warning)
-            if step is not None:
-                log.LOGGER.info("resuming from checkpoint step %d in %s", step, job.engine.checkpoint_root)
-
-        for phase in (build, start):
+        for phase in (partial(self._build_engine, cfg, hello, runs_here), self._start):
             if not runs.agreed(phase, transport, transport.rank):
                 raise SetupFailed()
         self.engine.stop_requested = self.stop_requested
         if not self.quiet:
             self.engine.progress_total = 0
-        log.LOGGER.info("%s; %s with %s, %d workers, %s backend", description, cfg.optim.algorithm,
+        log.LOGGER.info("%s; %s with %s, %d workers, %s backend", self.engine.description, cfg.optim.algorithm,
                         self.engine.attrs["compressor"], transport.n_workers, transport.name)
+
+    def _build_engine(self, cfg: Config, hello: dict, runs_here: dict[int, Run]) -> None:
+        device = runs_here[min(runs_here)]._optimizer.flat.device if runs_here else self.worker_device
+        self.engine = engines.build(cfg, self.transport, d=hello["d"], dtype=getattr(torch, hello["dtype"]),
+                                    params={i: r._optimizer.flat for i, r in runs_here.items()},
+                                    driver_states=runs_here, worker_device=device, reduce=mean_of_workers,
+                                    description=f"own model {hello['model']}: {hello['d']} parameters")
+
+    def _start(self) -> None:
+        step = runs.start(self.engine, self.out, resume=self.resume, overwrite=self.overwrite,
+                          warn=log.LOGGER.warning)
+        if step is not None:
+            log.LOGGER.info("resuming from checkpoint step %d in %s", step, self.engine.checkpoint_root)
 
     def step(self, run: Run, item: WorkerStep) -> None:
         self.group.together(run.worker, item, self.engine.step)
@@ -503,8 +502,8 @@ def _hello(run: Run, error: str | None) -> dict:
     opt = run._optimizer
     return {"d": opt.flat.numel(), "dtype": str(opt.flat.dtype).removeprefix("torch."),
             "model": type(opt.model).__name__,
-            "buffers": [(name, tuple(b.shape), str(b.dtype)) for name, b in opt.model.named_buffers()], "optim": opt.options.to_dict()["optim"],
-            "compress": opt.options.to_dict()["compress"]}
+            "buffers": [(name, tuple(b.shape), str(b.dtype)) for name, b in opt.model.named_buffers()],
+            "optim": opt.options.to_dict()["optim"], "compress": opt.options.to_dict()["compress"]}
 
 
 def _agree(settings: Config, hellos: list[dict]) -> Config:
@@ -573,7 +572,7 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
         job = _Job(transport, group, prepared["cfg"], out=out, resume=resume, overwrite=overwrite)
         job.stop_requested, job.quiet = stop.requested, quiet
         if not transport.worker_indices:
-            status, _ = runs.finish(lambda: (job.serve(), job.engine.serve()), transport, rank)
+            status, _ = runs.finish(lambda: (job.set_up_server(), job.engine.serve()), transport, rank)
             _report(job, status)
             return []
         if not transport.is_server:

@@ -101,8 +101,10 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate before the drop")
     args = parser.parse_args()
     workers = args.workers if args.workers is not None or cdmpi.launched_by_mpi() else 4
+    # overwrite: a fresh start replaces --out; with --resume auto, a run killed before its first checkpoint
+    # starts over (what a requeued batch job needs)
     cdmpi.launch(lambda run: train(run, args.epochs, args.lr), out=args.out, workers=workers,
-                 resume=args.resume, overwrite=args.resume is None, settings={"checkpoint.every": 20})
+                 resume=args.resume, overwrite=True, settings={"checkpoint.every": 20})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 under MPI that must match the in-process backend bit for bit."""
 
 import pickle
-import re
 import tarfile
 
 import numpy as np
@@ -14,7 +13,7 @@ from cdmpi.errors import CdmpiError
 from cdmpi.problems.classifier import flatten_
 from cdmpi.problems.sampling import EpochSampler
 
-from conftest import REPO, run_cdmpi, subprocess_env, write_config
+from conftest import REPO, run_cdmpi, write_config
 
 
 def test_network_parameter_counts():

@@ -255,10 +255,46 @@ def test_interrupted_job_resumes_from_its_checkpoint_bit_exactly(cluster, tmp_pa
     if interruption == "time-limit SIGTERM":
         assert "restart 0] SIGTERM: asking cdmpi to checkpoint and stop" in log
         assert "restart 0] stopped with exit code 75; requeueing to resume from the checkpoint" in log
-    assert f"restart 1] cdmpi exited with code 0" in log and f"finished {steps} steps" in log
+    assert "restart 1] cdmpi exited with code 0" in log and f"finished {steps} steps" in log
 
     reference = tmp_path / "reference.h5"
     expected = local_run(config, reference, *sets.split())
     assert_same_rows(metrics.read(out), expected)
     for resumed, uninterrupted in zip(final_params(ckpt, steps), final_params(reference.with_suffix(".ckpt"), steps)):
         assert torch.equal(resumed, uninterrupted)
+
+
+@needs_cluster
+def test_own_script_requeued_mid_run_resumes_to_the_same_final_parameters(cluster, tmp_path):
+    """slurm/train.sbatch with SCRIPT=examples/own_model.py (a user's loop under cdmpi.launch), requeued
+    once a checkpoint is on disk: the job ends as an uninterrupted in-process run of the script does."""
+    script = REPO / "examples" / "own_model.py"
+    out = tmp_path / "own.h5"
+    ckpt = out.with_suffix(".ckpt")
+    env = slurm_env(SCRIPT=script, ARGS="--epochs 6", OUT=out, CDMPI_TEST_STEP_SLEEP=0.05)
+    job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "step-000000020").is_dir():  # the script checkpoints every 20 of its 132 steps
+        [fields] = job_fields(job)
+        if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"job {job} wrote no checkpoint of step 20: {fields}")
+        time.sleep(0.1)
+    assert shell(["scontrol", "requeue", job]).returncode == 0
+    [fields] = wait_done(job)
+    log = out.with_suffix(".log").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{log}"
+    stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
+    assert stopped and 20 <= int(stopped.group(1)) < 132, log
+    assert "restart 1] cdmpi exited with code 0" in log and "finished 132 steps" in log
+
+    reference = tmp_path / "reference.h5"
+    r = shell([sys.executable, script, "--out", reference, "--epochs", "6", "--workers", WORKERS], timeout=300)
+    assert r.returncode == 0, r.stderr
+    run, expected = metrics.read(out), metrics.read(reference)
+    assert list(run["attrs"]["resumed_at_steps"]) == [int(stopped.group(1))]
+    for group in ("train", "eval"):
+        for column in expected[group]:
+            if column != "wall_time":
+                np.testing.assert_array_equal(run[group][column], expected[group][column], err_msg=column)
+    np.testing.assert_array_equal(run["final"]["params"], expected["final"]["params"])
