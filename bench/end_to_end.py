@@ -151,7 +151,7 @@ def main() -> None:
                 "Times are per step, means over the workers (server: rank 0's aggregate, which includes the "
                 "re-compression of the download frame). optimizer+communication = a worker's encode + Gather + "
                 "Bcast + update wall time, so it includes the server's work the worker waits for. Bytes per "
-                "step are the frames; the bytes handed to MPI are checked equal to them plus the 32-byte control word "
+                "step are the frames; the bytes handed to MPI are checked equal to them plus the 40-byte control word "
                 "of each message (Gather: all n messages at the server; Bcast: each worker's copy; sharded: every "
                 "worker's inbound bytes are its n - 1 up slices, n - 1 down slices and the n other ranks' control "
                 "words; its aggregate is its own slice's work, and optimizer+communication adds it); for the "

@@ -1,8 +1,9 @@
 """The control word: what every step's message says besides its frame, and the decision made from it.
 
-Each worker's message of a step starts with a 32-byte header: three little-endian int64 (flags, the step
-the worker is at, and on check steps the checksum of its copy of x) and the float64 learning rate it will
-step with. The server (every rank, in the
+Each worker's message of a step starts with a 40-byte header of little-endian 8-byte fields: int64 flags,
+the step the worker is at, on check steps the checksum of its copy of x, the float64 learning rate it will
+step with, and the int64 size of the metric values it logs this step (the server gathers them next, in one
+Gatherv whose counts these are). The server (every rank, in the
 sharded topology, from the same table) turns the n headers into one decision, which travels back in the
 header of the download message. So the server needs no step count, no extra collective and no schedule of
 its own: a run ends when the workers say DONE, as mpi4py's server loops stop on an in-band message.
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-HEADER_NBYTES = 32  # int64 flags, int64 step, int64 checksum, float64 learning rate
+HEADER_NBYTES = 40  # int64 flags, step, checksum; float64 learning rate; int64 metric bytes
 
 
 class Flag(enum.IntFlag):
@@ -60,11 +61,13 @@ class Header:
     step: int
     checksum: int = 0
     lr: float = 0.0
+    metrics_nbytes: int = 0
 
 
 def pack_headers(headers: Sequence[Header]) -> torch.Tensor:
     """(len(headers), HEADER_NBYTES) uint8 on the CPU, one row per header."""
-    words = np.array([[int(h.flags), h.step, h.checksum, 0] for h in headers], dtype="<i8").reshape(-1, 4)
+    words = np.array([[int(h.flags), h.step, h.checksum, 0, h.metrics_nbytes] for h in headers],
+                     dtype="<i8").reshape(-1, 5)
     words[:, 3] = np.array([h.lr for h in headers], dtype="<f8").view("<i8")
     return torch.from_numpy(words.view(np.uint8))
 
@@ -72,14 +75,15 @@ def pack_headers(headers: Sequence[Header]) -> torch.Tensor:
 def unpack_headers(rows: torch.Tensor) -> list[Header]:
     """The headers in the first HEADER_NBYTES bytes of each row of a (k, >= HEADER_NBYTES) uint8 tensor."""
     words = rows[:, :HEADER_NBYTES].cpu().contiguous().numpy().view("<i8")
-    lrs = words[:, 3].view("<f8")
-    return [Header(Flag(int(f)), int(s), int(c), float(lr)) for (f, s, c, _), lr in zip(words, lrs)]
+    lrs = words[:, 3].copy().view("<f8")
+    return [Header(Flag(int(f)), int(s), int(c), float(lr), int(m)) for (f, s, c, _, m), lr in zip(words, lrs)]
 
 
 @dataclass(frozen=True)
 class Decision:
     flags: Flag
     error: str | None = None  # with ABORT, on the rank that decided: what went wrong
+    metrics_nbytes: tuple[int, ...] = ()  # on the rank that decided: each worker's metric bytes this step
 
     def __contains__(self, flag: Flag) -> bool:
         return bool(self.flags & flag)
@@ -139,9 +143,9 @@ def decide(step: int, workers: Sequence[Header], stop: bool, *, checkpoint_every
     for h in workers:
         flags |= h.flags & (Flag.LOG | Flag.EVAL | Flag.CHECKPOINT)
     if done:
-        return Decision(flags | Flag.DONE)
-    if stop or any(Flag.STOP in h.flags for h in workers):
-        return Decision(flags | Flag.STOP | Flag.CHECKPOINT)
-    if checkpoint_every > 0 and (step + 1) % checkpoint_every == 0:
+        flags |= Flag.DONE
+    elif stop or any(Flag.STOP in h.flags for h in workers):
+        flags |= Flag.STOP | Flag.CHECKPOINT
+    elif checkpoint_every > 0 and (step + 1) % checkpoint_every == 0:
         flags |= Flag.CHECKPOINT
-    return Decision(flags)
+    return Decision(flags, metrics_nbytes=tuple(h.metrics_nbytes for h in workers))

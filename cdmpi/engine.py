@@ -286,7 +286,9 @@ class Engine:
         timer.lap("metrics" if any(s.done for s in inputs) else "compute")  # the last gradient feeds the last row
         self._hooks.before_step(t, self.workers)
         stop = self.stop_requested()
-        headers = [self._header(t, w, s, stop) for w, s in zip(self.workers, inputs)]
+        logs = [(_portable(s.train), _portable(s.eval)) for s in inputs]
+        packed, nbytes = self.transport.pack_objects(logs)  # every worker joins the gather another one asks for
+        headers = [self._header(t, w, s, stop, nbytes) for w, s in zip(self.workers, inputs)]
         timer.lap("checkpoint")  # the checks of x
         encoders = [lambda row, w=w, s=s: w.algorithm.encode(s.grad, row) for w, s in zip(self.workers, inputs)]
         decision, down = self.exchange.run(t, headers, encoders, stop, self._decide)
@@ -298,7 +300,7 @@ class Engine:
                 w.algorithm.update(w.params, down, s.lr)
             timer.lap("update")
         if decision.flags & (Flag.LOG | Flag.EVAL):
-            self._record(t, decision, inputs)
+            self._record(t, decision, packed)
         if not done:
             if self.log is not None:
                 self.log.count(*self.exchange.frames(t))
@@ -315,7 +317,7 @@ class Engine:
             raise RunStopped(self.step_count, self.last_checkpoint)
         return decision
 
-    def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool) -> Header:
+    def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool, metrics_nbytes: int) -> Header:
         flags = Flag.NONE
         if s.train is not None:
             flags |= Flag.LOG
@@ -333,7 +335,7 @@ class Engine:
         if t % self.cfg.checkpoint.check_every == 0:
             flags |= Flag.CHECK
             checksum = x_checksum(worker.params)
-        return Header(flags, t, checksum, float(s.lr))
+        return Header(flags, t, checksum, float(s.lr), metrics_nbytes)
 
     def _decide(self, headers: list[Header], stop: bool) -> Decision:
         decision = decide(self.step_count, headers, stop, checkpoint_every=self.cfg.checkpoint.every,
@@ -348,8 +350,9 @@ class Engine:
             decision = Decision(decision.flags, f"{decision.error}; {note}")
         return decision
 
-    def _record(self, t: int, decision: Decision, inputs: Sequence[WorkerStep]) -> None:
-        gathered = self.transport.gather_objects([(_portable(s.train), _portable(s.eval)) for s in inputs])
+    def _record(self, t: int, decision: Decision, packed) -> None:
+        """The workers' metric values of step t (packed before the exchange) to the server, into rows."""
+        gathered = self.transport.gather_objects(packed, decision.metrics_nbytes)
         if self.log is not None:
             if Flag.LOG in decision:
                 row = self.log.record(t, "train", [train for train, _ in gathered if train is not None])

@@ -1,6 +1,6 @@
 """One step's traffic, between the workers' gradients and their update: encode, exchange, aggregate.
 
-Star topology (the paper's Algorithm 1): every worker's message is the 32-byte control header followed by
+Star topology (the paper's Algorithm 1): every worker's message is the 40-byte control header followed by
 its upload frame; the server gathers the n messages (Gather), decides from the headers, aggregates the
 frames into the download frame and broadcasts it behind the decision's header (Bcast).
 

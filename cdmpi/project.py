@@ -7,7 +7,7 @@ and one-way latency L). Rank 0's link carries every frame, so it is the bottlene
 
 with compute, encode and update the workers' mean measured seconds per step, aggregate the server's,
 up_bytes the n upload messages and down_bytes the n copies of the download message per step (the frames
-the run counted in its bits, and each message's 32-byte control word). The measured communication time is dropped:
+the run counted in its bits, and each message's 40-byte control word). The measured communication time is dropped:
 the link is what is projected. In the table, link_bytes is the bytes per step through the busiest link
 and optimizer ms is encode + aggregate + update (update alone for the Allreduce). For comparison, uncompressed AMSGrad with a ring Allreduce of the fp32
 gradient over the n workers, with the same compute and update times:

@@ -14,7 +14,9 @@ Every process of a run holds a transport. It says which logical workers live in 
   workers); afterwards each slice server's part of the download frame goes to every worker (Allgatherv).
   Rank 0 takes no part. ``slices_served(n_slices)`` names the slices a process serves.
 - ``gather_stats(rows)``: float64 rows, like gather_frames (timing and final parameters).
-- ``gather_objects(objs)``: small Python objects of the local workers, to the server in worker order.
+- ``pack_objects(objs)`` / ``gather_objects(packed, counts)``: the local workers' metric values, to the
+  server in worker order: packed (pickled, under MPI) first, so that their sizes can travel in the control
+  words; then one Gatherv whose counts the server read there.
 - ``share(obj)`` / ``collect(obj)`` / ``allgather(obj)`` / ``agree(error)``: small Python objects for
   setup and checkpoint bookkeeping (never tensors of size d).
 
@@ -32,10 +34,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import sys
 import time
 from itertools import accumulate
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
@@ -84,7 +87,8 @@ class Transport(Protocol):
     def scatter_slices(self, up: torch.Tensor, counts: list[int]) -> dict[int, torch.Tensor]: ...
     def allgather_slices(self, down: torch.Tensor, counts: list[int]) -> None: ...
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None: ...
-    def gather_objects(self, objs: list) -> list | None: ...
+    def pack_objects(self, objs: list) -> tuple[object, int]: ...
+    def gather_objects(self, packed, counts: Sequence[int] | None) -> list | None: ...
     def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None: ...
     def allgather(self, obj) -> list: ...
     def share(self, obj): ...
@@ -152,8 +156,11 @@ class LocalTransport:
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
 
-    def gather_objects(self, objs: list) -> list:
-        return list(objs)
+    def pack_objects(self, objs: list) -> tuple[list, int]:
+        return list(objs), 0  # handed over in memory
+
+    def gather_objects(self, packed: list, counts=None) -> list:
+        return packed
 
     def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None:
         """values[i]: worker i's tensor; every one becomes worker 0's."""
@@ -424,10 +431,24 @@ class MPITransport:
         self._workers_comm.Bcast(host.numpy(), root=0)
         values[0].copy_(host)
 
-    def gather_objects(self, objs: list) -> list | None:
-        """Gather (pickled) of this rank's objects to the server, in worker order."""
-        gathered = self.comm.gather(objs, root=0)
-        return None if gathered is None else [obj for part in gathered[1:] for obj in part]
+    def pack_objects(self, objs: list) -> tuple[bytes, int]:
+        payload = pickle.dumps(list(objs), protocol=pickle.HIGHEST_PROTOCOL)
+        return payload, len(payload)
+
+    def gather_objects(self, packed: bytes, counts: Sequence[int] | None) -> list | None:
+        """One Gatherv of every worker's packed objects to the server (counts: each worker's size, known at
+        the server from the control words), in worker order."""
+        mpi = self._mpi
+        if not self.is_server:
+            self.comm.Gatherv([packed, len(packed), mpi.BYTE], None, root=0)
+            return None
+        counts = [0, *counts]
+        offsets = _offsets(counts)
+        recv = bytearray(offsets[-1])
+        self.comm.Gatherv(mpi.IN_PLACE, [recv, (counts, offsets[:-1]), mpi.BYTE], root=0)
+        view = memoryview(recv)
+        return [obj for r in range(1, self.world_size)
+                for obj in pickle.loads(view[offsets[r]:offsets[r + 1]])]
 
     def share(self, obj):
         return self.comm.bcast(obj, root=0)
