@@ -41,6 +41,7 @@ from .config import Config
 from .engine import Engine, WorkerStep
 from .errors import EXIT_BAD_INPUT, AgreedError, CdmpiError, RunStopped, SetupFailed
 from .metrics import mean_of_workers
+from .signals import StopOnSigterm
 from .problems.classifier import flatten_
 
 # The optimizer's options, as config keys (validated as the config validates them).
@@ -544,25 +545,15 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
         raise CdmpiError(f"backend must be 'auto', 'mpi' or 'local', got {backend!r}")
     if backend == "auto":
         backend = "mpi" if transports.launched_by_mpi() else "local"
-    with runs.StopOnSigterm() as stop:
+    stop = StopOnSigterm().install()
+    try:
         transport = transports.MPITransport.from_world() if backend == "mpi" else None
         rank = transport.rank if transport is not None else 0
         log.setup(rank, verbose=not quiet)
         prepared = {}
-
-        def prepare():
-            cfg = _settings_config(settings)
-            if out is not None and Path(out).suffix not in (".h5", ".hdf5"):
-                raise CdmpiError(f"out={str(out)!r}: the metrics file is HDF5; name it .h5 or .hdf5")
-            nonlocal transport
-            if transport is None:
-                transport = transports.LocalTransport(workers if workers is not None else 1)
-            transport.check_workers(workers)
-            torch.set_num_threads(cfg.run.threads)
-            prepared["cfg"] = cfg
-
-        if not runs.agreed(prepare, transport, rank):
+        if not runs.agreed(partial(_prepare, prepared, transport, settings, out, workers), transport, rank):
             raise SystemExit(EXIT_BAD_INPUT)
+        transport = prepared["transport"]
         if not transport.worker_indices:  # the MPI server
             group = None
         elif transport.is_server:  # in process
@@ -581,6 +572,23 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
                 raise SystemExit(status)
             return [value]
         return _in_process(job, fn)
+    finally:
+        if backend != "mpi":  # an MPI rank ends with the run: a SIGTERM after its stop must not kill it
+            stop.uninstall()
+
+
+def _prepare(prepared: dict, transport, settings, out, workers) -> None:
+    """Set-up phase 1 (agreed): the settings, the output's name, the world; the in-process transport."""
+    from . import transport as transports
+
+    cfg = _settings_config(settings)
+    if out is not None and Path(out).suffix not in (".h5", ".hdf5"):
+        raise CdmpiError(f"out={str(out)!r}: the metrics file is HDF5; name it .h5 or .hdf5")
+    if transport is None:
+        transport = transports.LocalTransport(workers if workers is not None else 1)
+    transport.check_workers(workers)
+    torch.set_num_threads(cfg.run.threads)
+    prepared.update(cfg=cfg, transport=transport)
 
 
 def _worker(job: _Job, fn, index: int):

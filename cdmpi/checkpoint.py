@@ -43,7 +43,8 @@ FORMAT_VERSION = 2  # 2: worker files hold the driver state (sampler or user sta
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys a resumed run may change: they do not change the trajectory of x. run.workers is checked as the
 # world size, with its own message.
-MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "comm.wait")
+MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "comm.wait",
+                "comm.timeout")
 MUTABLE_SECTIONS = ("checkpoint",)
 MANIFEST_KEYS = ("format_version", "step", "n_workers", "world_size", "backend", "d", "config", "config_hash",
                  "files")
@@ -88,7 +89,10 @@ class Run(Protocol):
     transport: object
     d: int
 
+    attrs: dict  # the run's record: run_id, data_path, data_sha256 go into the manifest
+
     def roles(self) -> dict[str, tuple[str, object]]: ...  # file name -> (role, its state_dict holder)
+    def metrics_rows_before(self, step: int) -> int: ...  # train rows in the metrics file before `step`
     def checksums(self) -> dict[int, int]: ...  # worker index -> checksum of its x, for this process's workers
     def flush_metrics(self) -> None: ...
 
@@ -141,7 +145,9 @@ def save(session: Run, step: int, root: Path) -> Path | None:
         raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
     files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "n_workers": transport.n_workers,
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "run_id": session.attrs.get("run_id"),
+                "metrics_rows": session.metrics_rows_before(step), "data_path": session.attrs.get("data_path"),
+                "data_sha256": session.attrs.get("data_sha256"), "n_workers": transport.n_workers,
                 "world_size": transport.world_size, "backend": transport.name, "d": session.d,
                 "config": cfg.to_dict(), "config_hash": config_hash(cfg), "files": dict(sorted(files.items())),
                 "cdmpi_version": __version__,
@@ -169,6 +175,15 @@ def prune(root: Path, keep: int) -> None:
     if keep > 0:
         for old in list_checkpoints(root)[keep:]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_after(root: Path, step: int) -> list[Path]:
+    """A run resumed at `step` makes a new future: checkpoints of later steps (damaged ones that auto
+    passed over, or an abandoned future) go, so that none outlives the new ones. Returns them."""
+    later = [p for p in list_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) > step]
+    for path in later:
+        shutil.rmtree(path, ignore_errors=True)
+    return later
 
 
 def remove_all(root: Path) -> None:
@@ -218,7 +233,8 @@ def _check_sha256(file: Path, data: bytes, info: dict) -> None:
         raise CdmpiError(f"checkpoint file {file} is corrupt: its sha256 differs from the manifest's")
 
 
-def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, world_size: int, d: int) -> None:
+def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, world_size: int, d: int,
+                     data_sha256: str | None = None) -> None:
     """CdmpiError naming what differs between the checkpoint's run and this one."""
     if manifest["n_workers"] != n_workers:
         raise CdmpiError(f"checkpoint {path} was written by a run with {manifest['n_workers']} workers "
@@ -235,6 +251,11 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, n_workers: int, wo
                    if then.get(k) != now.get(k)]
         raise CdmpiError(f"checkpoint {path} was written with a different config ({'; '.join(changed)}); "
                          f"only {', '.join(MUTABLE_KEYS)} and [checkpoint] may change on resume")
+    then = manifest.get("data_sha256")
+    if then and data_sha256 and then != data_sha256:
+        raise CdmpiError(f"the data file {manifest.get('data_path') or cfg.data.dataset} changed since checkpoint {path} "
+                         f"was written (sha256 {then[:12]}... then, {data_sha256[:12]}... now); a resume must read "
+                         f"the same data")
     if cfg.problem.name != OWN_MODEL and manifest["step"] > cfg.run.steps:  # a user's loop sets no run.steps
         raise CdmpiError(f"checkpoint {path} is at step {manifest['step']}, past run.steps = {cfg.run.steps}")
 
@@ -290,11 +311,11 @@ def _read_own(session, path: Path, manifest: dict) -> tuple[dict, str | None]:
     return states, None
 
 
-def restore(session, spec: str, root: Path, warn=None) -> int | None:
+def restore(session, spec: str, root: Path, warn=None) -> dict | None:
     """Collective: the server lists the checkpoints to try (manifests and file sizes), then for each, newest
     first, every process checks the sha256 of its own files and reads them, in parallel; the first
-    checkpoint that every process could read is applied. Returns the step to start from, or None when
-    `auto` found no usable checkpoint (a fresh start)."""
+    checkpoint that every process could read is applied. Returns its manifest (its "step" is where the run
+    goes on), or None when `auto` found no usable checkpoint (a fresh start)."""
     transport = session.transport
     plan = None
     if transport.is_server:
@@ -312,7 +333,8 @@ def restore(session, spec: str, root: Path, warn=None) -> int | None:
         verdict = None
         if transport.is_server:
             try:
-                check_compatible(path, manifest, session.cfg, transport.n_workers, transport.world_size, session.d)
+                check_compatible(path, manifest, session.cfg, transport.n_workers, transport.world_size, session.d,
+                                 session.attrs.get("data_sha256"))
                 verdict = "ok"
             except Exception as err:
                 verdict = _message(err)
@@ -338,7 +360,7 @@ def restore(session, spec: str, root: Path, warn=None) -> int | None:
             except (KeyError, RuntimeError, TypeError, ValueError) as err:
                 raise CdmpiError(f"checkpoint file {path / name} does not fit this run: "
                                  f"{type(err).__name__}: {err}") from None
-        return int(manifest["step"])
+        return manifest
     if spec != "auto":
         raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}" if transport.is_server
                          else "see the server's error")

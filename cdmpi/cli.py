@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__, algorithms, analysis, config, log, runs
+from . import __version__, config, log
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, CdmpiError
+from .signals import StopOnSigterm
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -15,6 +16,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _train_parser(sub) -> None:
+    from . import algorithms
+
     p = sub.add_parser(
         "train", help="run one training job (under mpiexec for the MPI backend)",
         description="Train with the configured algorithm. Under `mpiexec -n N+1`, rank 0 is the server "
@@ -138,13 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args) -> int:
-    with runs.StopOnSigterm() as stop:
-        return _train(args, stop)
-
-
-def _train(args, stop: runs.StopOnSigterm) -> int:
-    from . import transport as transports
+def cmd_train(args, stop: StopOnSigterm) -> int:
+    from . import runs, transport as transports
 
     backend = args.backend
     if backend == "auto":
@@ -214,6 +212,8 @@ class _TrainJob:
         self.training = train.build(self.cfg, self.transport)  # the metrics file comes after the resume
 
     def start(self) -> None:
+        from . import runs
+
         engine = self.training.engine
         step = runs.start(engine, self.out, resume=self.args.resume, overwrite=self.args.overwrite,
                           warn=log.LOGGER.warning)
@@ -222,6 +222,8 @@ class _TrainJob:
 
 
 def cmd_report(args) -> int:
+    from . import analysis
+
     target = analysis.parse_target(args.target) if args.target else None
     rows = [analysis.summarize(path, target) for path in analysis.expand(args.files)]
     columns = analysis.COLUMNS
@@ -266,7 +268,7 @@ def cmd_sweep(args) -> int:
 def cmd_project(args) -> int:
     import json
 
-    from . import project
+    from . import analysis, project
 
     bandwidths = project.parse_list(args.bandwidth, "--bandwidth")
     if args.latency < 0:
@@ -277,7 +279,7 @@ def cmd_project(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from . import plot
+    from . import analysis, plot
 
     out = plot.figure(analysis.expand(args.files), xs=args.x, y=args.y, out=args.out, best_only=args.best,
                       title=args.title)
@@ -286,14 +288,20 @@ def cmd_plot(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    # First thing: a SIGTERM while a run starts (imports, data loading) must stop it with exit status 75,
+    # not end the process; the other commands get SIGTERM's usual meaning back once they are known.
+    stop = StopOnSigterm().install()
     try:
-        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot,
-                    "project": cmd_project}
-        return commands[args.command](args)
+        args = build_parser().parse_args(argv)
+        if args.command != "train":
+            stop.uninstall(deliver=True)
+        commands = {"sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot, "project": cmd_project}
+        return cmd_train(args, stop) if args.command == "train" else commands[args.command](args)
     except CdmpiError as err:
         print(f"cdmpi: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("cdmpi: interrupted", file=sys.stderr)
         return 130
+    # The train command keeps its handler to the end: a SIGTERM that reaches this rank after the run has
+    # stopped (SLURM signals every rank, not all at once) must not turn exit status 75 into 143.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class CommConfig:
     # barrier that sleeps between polls first, for ranks sharing cores), auto (sleep when d >= 1e6 and any
     # node has more ranks than cores).
     wait: str = "auto"
+    # Seconds a rank may wait in one collective; longer ends the job, naming the ranks that did not arrive (a
+    # stopped or hung rank) and the step. Must exceed the longest step and checkpoint write. 0: no watchdog.
+    timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if cfg.comm.timeout < 0:
+        raise CdmpiError(f"config: comm.timeout must be >= 0 (0: no watchdog), got {cfg.comm.timeout!r}")
     if cfg.comm.wait not in ("auto", "spin", "sleep"):
         raise CdmpiError(f"config: comm.wait must be 'auto', 'spin' or 'sleep', got {cfg.comm.wait!r}")
     if cfg.comm.topology not in ("star", "sharded"):
@@ -168,6 +174,8 @@ def _coerce(key: str, value, hint):
         return float(value)
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
         raise CdmpiError(f"config: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):  # TOML has nan and inf; no key means either
+        raise CdmpiError(f"config: {key} must be a finite number, got {value!r}")
     return value
 
 

@@ -38,6 +38,7 @@ class Dataset:
     features: object  # scipy.sparse CSR matrix (n_samples, n_features) or a dense ndarray
     labels: np.ndarray  # float64, +-1
     source: str  # the file it came from, or "synthetic"
+    sha256: str | None = None  # of the file it came from
 
     @property
     def n_samples(self) -> int:
@@ -130,6 +131,20 @@ def _first_bad_line(path: Path) -> str:
     return "no single bad line found"
 
 
+def _first_nonfinite(path: Path) -> str:
+    """Name the first line with a nan or inf label or feature value (only called once one is known)."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            tokens = raw.split(b"#", 1)[0].decode(errors="replace").split()
+            values = tokens[:1] + [t.split(":", 1)[-1] for t in tokens[1:]]
+            try:
+                if not all(np.isfinite(float(v)) for v in values):
+                    return f"line {number}: {raw[:80].decode(errors='replace').rstrip()!r}"
+            except ValueError:
+                continue
+    return "no single line found"
+
+
 def _to_pm1(labels: np.ndarray, source: str) -> np.ndarray:
     values = np.unique(labels)
     if len(values) != 2:
@@ -138,7 +153,7 @@ def _to_pm1(labels: np.ndarray, source: str) -> np.ndarray:
     return np.where(labels == values[1], 1.0, -1.0)  # the larger label is +1 (0/1, 1/2, -1/+1)
 
 
-def read_libsvm(path: Path, n_features: int = 0, name: str | None = None) -> Dataset:
+def read_libsvm(path: Path, n_features: int = 0, name: str | None = None, sha256: str | None = None) -> Dataset:
     from sklearn.datasets import load_svmlight_file
 
     path = Path(path)
@@ -152,7 +167,10 @@ def read_libsvm(path: Path, n_features: int = 0, name: str | None = None) -> Dat
         raise CdmpiError(f"malformed LibSVM file {path}: {_first_bad_line(path)} ({err})") from None
     if features.shape[0] == 0:
         raise CdmpiError(f"LibSVM file {path} holds no samples")
-    return Dataset(name or path.name, features.tocsr(), _to_pm1(labels, str(path)), str(path))
+    if not (np.isfinite(features.data).all() and np.isfinite(labels).all()):
+        raise CdmpiError(f"LibSVM file {path} holds a value that is not a finite number: {_first_nonfinite(path)}")
+    return Dataset(name or path.name, features.tocsr(), _to_pm1(labels, str(path)), str(path),
+                   sha256 or sha256_of(path))
 
 
 def synthetic(samples: int, features: int, seed: int) -> Dataset:
@@ -171,7 +189,7 @@ def load(dataset: str, *, n_features: int = 0, samples: int = 2000, features: in
             raise CdmpiError("synthetic data needs data.samples >= 1 and data.features >= 1")
         return synthetic(samples, features, seed)
     if dataset in LIBSVM_SHA256:
-        return read_libsvm(locate(dataset, allow_download), n_features, dataset)
+        return read_libsvm(locate(dataset, allow_download), n_features, dataset, LIBSVM_SHA256[dataset])
     if "/" in dataset or Path(dataset).exists():
         return read_libsvm(Path(dataset), n_features)
     raise CdmpiError(f"unknown dataset {dataset!r}: use one of {', '.join(LIBSVM_SHA256)}, "

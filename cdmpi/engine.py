@@ -34,7 +34,7 @@ from .config import Config
 from .control import Decision, Flag, Header, decide, x_checksum
 from .errors import AgreedError, CdmpiError, RunStopped
 from .exchange import FrameExchange
-from .metrics import MetricsWriter
+from .metrics import TRAIN_COLUMNS, MetricsWriter
 from .timing import PHASES, PhaseTimer
 
 FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
@@ -197,9 +197,11 @@ class Engine:
         self.log = ServerLog(transport.n_workers, reduce) if transport.is_server else None
         self.step_count = 0  # steps taken: the run is at x_{step_count}
         self.checkpoint_root: Path | None = None  # None: no checkpoints
+        self.lock = None  # the server's hold on the run's output (cdmpi.lock.RunLock), released at the end
         self.last_checkpoint: Path | None = None  # on the server
         self.stop_requested: Callable[[], bool] = lambda: False  # set by SIGTERM
         self.progress_total: int | None = None  # the server shows a progress bar when this is set
+        self.columns: dict[str, dict] = {"train": dict(TRAIN_COLUMNS)}  # known before the run: made with the file
         self.ended = False
         self._hooks = FaultHooks()
         self._bar = None
@@ -209,18 +211,45 @@ class Engine:
     # ---- set-up ---------------------------------------------------------------------------------------
 
     def open_metrics(self, out: str | Path, *, overwrite: bool = False, resume_step: int | None = None) -> None:
-        """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued."""
-        if self.log is not None:
-            self.log.writer = MetricsWriter(out, self.attrs, flush_every=self.cfg.run.flush_every,
-                                            overwrite=overwrite, resume_step=resume_step)
+        """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued.
+        It is made with every column and end-of-run array the run knows of (see cdmpi.metrics)."""
+        if self.log is None:
+            return
+        n, world = self.transport.n_workers, self.transport.world_size
+        finals = {"final/steps": ((1,), np.int64)}
+        if self.d * n <= FINAL_PARAMS_MAX_ELEMENTS:
+            finals["final/params"] = ((self.d,), np.float64)
+        for phase in PHASES:
+            finals[f"timing/worker_{phase}"] = ((n,), np.float64)
+            finals[f"timing/server_{phase}"] = ((1,), np.float64)
+        if self.transport.traffic() is not None:
+            for direction in ("inbound", "outbound"):
+                finals[f"comm/{direction}_nbytes_per_step"] = ((world,), np.float64)
+        self.log.writer = MetricsWriter(out, self.attrs, flush_every=self.cfg.run.flush_every, overwrite=overwrite,
+                                        resume_step=resume_step, columns=self.columns, finals=finals)
 
-    def resume(self, spec: str, root: Path, warn=None) -> int | None:
+    def agree_paths(self) -> None:
+        """Collective, in set-up: every rank's device and frame path (into the metrics file's attributes),
+        and the agreement on how ranks wait in collectives (comm.wait)."""
+        transport = self.transport
+        device = self.exchange.frame_device
+        votes = transport.allgather((f"{device} {transport.path}", transport.wants_sleep(self.cfg.comm.wait, self.d)))
+        paths = [path for path, _ in votes]
+        sleep = transport.agree_wait([vote for _, vote in votes])
+        self.attrs.update(comm_paths=json.dumps(paths), comm_path=", ".join(sorted(set(p.split(" ", 1)[1] for p in paths))),
+                          comm_wait="sleep" if sleep else "spin")
+
+    def resume(self, spec: str, root: Path, warn=None) -> dict | None:
         """Collective: restore every role's state from a checkpoint (see checkpoint.restore); returns its
-        step, or None when `auto` found none."""
-        start = checkpoint.restore(self, spec, root, warn=warn)
-        if start is not None:
-            self.step_count = start
-        return start
+        manifest (the run goes on at its step), or None when `auto` found none."""
+        manifest = checkpoint.restore(self, spec, root, warn=warn)
+        if manifest is not None:
+            self.step_count = int(manifest["step"])
+        return manifest
+
+    def metrics_rows_before(self, step: int) -> int:
+        writer = self.log.writer if self.log is not None else None
+        return writer.rows_before("train", step) if writer is not None else 0
 
     def roles(self) -> dict[str, tuple[str, Stateful]]:
         """file name -> (role, state holder) for the roles that live in this process."""
@@ -242,18 +271,7 @@ class Engine:
         return self.log.last_row if self.log is not None else None
 
     def _begin(self) -> None:
-        """Collective, before the first step: every rank's device and frame path into the metrics file, and
-        the agreement on how ranks wait in collectives (comm.wait)."""
         self._begun = True
-        transport = self.transport
-        device = self.exchange.frame_device
-        votes = transport.allgather((f"{device} {transport.path}", transport.wants_sleep(self.cfg.comm.wait, self.d)))
-        paths = [path for path, _ in votes]
-        sleep = transport.agree_wait([vote for _, vote in votes])
-        if self.log is not None and self.log.writer is not None:
-            self.log.writer.set_attrs({"comm_paths": json.dumps(paths),
-                                       "comm_path": ", ".join(sorted(set(p.split(" ", 1)[1] for p in paths))),
-                                       "comm_wait": "sleep" if sleep else "spin"})
         if self.log is not None and self.progress_total is not None and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -283,6 +301,7 @@ class Engine:
 
     def _step(self, inputs: Sequence[WorkerStep]) -> Decision:
         t, timer = self.step_count, self.timer
+        self.transport.step = t
         timer.lap("metrics" if any(s.done for s in inputs) else "compute")  # the last gradient feeds the last row
         self._hooks.before_step(t, self.workers)
         stop = self.stop_requested()
@@ -375,7 +394,7 @@ class Engine:
         """Collective, after the last step: time per phase, bytes per rank and the final x into the file."""
         try:
             if self.log is not None and self.log.writer is not None:
-                self.log.writer.set_attrs({"final_step": self.step_count})
+                self.log.writer.write_array("final/steps", np.array([self.step_count], dtype=np.int64))
             self._record_timing()
             self._record_traffic()
             if self.d * self.transport.n_workers <= FINAL_PARAMS_MAX_ELEMENTS:
@@ -388,8 +407,12 @@ class Engine:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.log is not None and self.log.writer is not None:
-            self.log.writer.close()
+        try:
+            if self.log is not None and self.log.writer is not None:
+                self.log.writer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def _record_timing(self) -> None:
         """timing/worker_<phase> (seconds per step of each worker's process, gathered) and
@@ -445,6 +468,7 @@ def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[in
     if "cuda" in (worker_device.type, server_device.type):
         devices.use_deterministic_kernels(cfg.run.deterministic)
     transport.configure(cfg.comm.cuda_aware, frame_device)
+    transport.watch(cfg.comm.timeout)
     compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
     algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     setting = algorithms.make_setting(compressor, d, n, cfg.optim, dtype, cfg.run.seed, topology=cfg.comm.topology,

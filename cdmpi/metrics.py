@@ -1,20 +1,24 @@
-"""The HDF5 metrics file: one per run, written by the server.
+"""The HDF5 metrics file: one per run, written in place by the server for the run's whole life.
 
 Layout (see the README for the public description):
 
-    /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size,
-                      backend, mpi_library, cdmpi_version, created, format_version
+    /                 attributes: config (JSON), algorithm, compressor, n_workers, dim, world_size, backend,
+                      mpi_library, cdmpi_version, created, format_version, run_id, comm paths, ...
     /train/<column>   1-D datasets of equal length, one row per logged step: step, loss, grad_norm_sq,
                       bits_up, bits_down, wall_time, and any value a user's script logs
-    /final/params     the workers' final x (float64), written when the run ends
     /eval/<column>    one row per evaluation: step, bits_up, bits_down and the logged values (the
                       classifier problem: epoch, loss, accuracy on the test set)
+    /final, /timing, /comm   end-of-run arrays (final parameters, time per phase, bytes per rank): made
+                      with the file, NaN until the run ends
 
-Rows are buffered in memory and appended every ``flush_every`` rows and at close. A flush appends to a
-copy of the file and renames it over the original, so a crash at any moment, even inside a flush, leaves
-a closed, readable file holding every row of the last completed flush. A resumed run opens the existing
-file and drops the rows at and after the checkpoint's step (they are recomputed), so steps stay unique
-and increasing.
+The file is written with HDF5's single-writer/multiple-reader mode (SWMR): made complete under a temporary
+name and renamed into place, then opened once and appended to in place (rows buffered and written every
+``flush_every`` rows, at each checkpoint and at the end). Readers open it with ``swmr=True`` (as
+``read`` does) at any moment and never disturb the writer; after a crash it opens the same way and holds
+every flushed row. SWMR cannot make attributes or datasets while it runs, so everything the run knows of
+is made before it starts; a column first logged mid-run is added by closing SWMR, adding it and starting
+SWMR again (a reader opening the file in that instant is retried by ``read``). A resumed run rebuilds the
+file from the one it continues (rows before the checkpoint's step; steps stay unique and increasing).
 
 A row's values come from the workers: each worker that logged at a step gives a dict, and a reducer makes
 the row from them, in worker order (``mean_of_workers`` for a user's values, ``sum_of_shares`` for the
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
+import time
 from pathlib import Path
 
 import h5py
@@ -35,7 +39,7 @@ import torch
 
 from .errors import CdmpiError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: written in place (SWMR); end-of-run arrays made with the file
 
 TRAIN_COLUMNS = {
     "step": np.int64,  # completed iterations t; the row describes x_t (x_0 is the initial point)
@@ -51,147 +55,169 @@ EVAL_COLUMNS = {
     "bits_up": np.int64,  # as in /train, for plots of accuracy against bits
     "bits_down": np.int64,
 }
-# Columns every run has, whatever it logs; the others are float64.
+# Columns every row of a group has, whatever it logs; the others are float64.
 CORE_COLUMNS = {"train": TRAIN_COLUMNS, "eval": EVAL_COLUMNS}
 
 UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_time": "s"}
 
 
 class MetricsWriter:
+    """The server's writer of one metrics file. `columns` (group -> {name: dtype}) and `finals` (name ->
+    (shape, dtype), the end-of-run arrays) are what the file is made with; `attrs` are its attributes.
+    resume_step: continue the file at that step (rows at and after it are dropped)."""
+
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, columns: dict | None = None, finals: dict | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
-        self.columns: dict[str, dict] = {g: dict(c) for g, c in CORE_COLUMNS.items()}  # group -> columns
+        self.columns: dict[str, dict] = {g: dict(c) for g, c in (columns or {"train": TRAIN_COLUMNS}).items()}
+        self.finals = dict(finals or {})
         self._rows: dict[str, list[dict]] = {group: [] for group in self.columns}
         self._last_step: dict[str, int] = {}
-        self._in_file: dict[str, int] = {}  # group -> rows already in the file
+        self._fh: h5py.File | None = None
+        source = None
         if resume_step is not None:
-            self._resume(attrs, resume_step)
-            return
-        if self.path.exists() and not overwrite:
+            if not self.path.is_file():
+                raise CdmpiError(f"cannot resume: metrics file {self.path} not found (the checkpoint's rows "
+                                 f"continue it); pass the --out of the interrupted run")
+            source = read(self.path)
+        elif self.path.exists() and not overwrite:
             raise CdmpiError(f"metrics file {self.path} exists; pass --overwrite or choose another --out")
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with h5py.File(tmp, "w") as fh:
-                for key, value in attrs.items():
-                    fh.attrs[key] = value
-                fh.attrs["format_version"] = FORMAT_VERSION
-                fh.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-                self._add_columns(fh, "train")
-            os.replace(tmp, self.path)
+            self._make(attrs, source, resume_step)
         except OSError as err:
             raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
+
+    def _make(self, attrs: dict, source: dict | None, resume_step: int | None) -> None:
+        """The complete file, made under a temporary name and put in SWMR mode before it is renamed into
+        place: at its path it is never open for plain writing, which readers could not open."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        rows: dict[str, dict] = {}
+        fh = h5py.File(tmp, "w", libver="latest", locking=False)
+        try:
+            if source is not None:  # the interrupted run's attributes and rows before the checkpoint
+                for key, value in source["attrs"].items():
+                    fh.attrs[key] = value
+                for group, data in source.items():
+                    if isinstance(data, dict) and "step" in data and group != "attrs":
+                        kept = int(np.searchsorted(data["step"], resume_step, side="left"))
+                        rows[group] = {name: values[:kept] for name, values in data.items()}
+                        self.columns.setdefault(group, {}).update(
+                            {name: values.dtype.type for name, values in data.items()})
+                        if kept:
+                            self._last_step[group] = int(data["step"][kept - 1])
+                fh.attrs["resumed_at_steps"] = np.append(source["attrs"].get("resumed_at_steps",
+                                                                             np.zeros(0, np.int64)),
+                                                         np.int64(resume_step))
+            else:
+                fh.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            for key, value in attrs.items():
+                fh.attrs[key] = value
+            fh.attrs["format_version"] = FORMAT_VERSION
+            for group in dict.fromkeys([*self.columns, *rows]):
+                self._add_columns(fh, group, rows.get(group, {}))
+            for name, (shape, dtype) in self.finals.items():
+                fh.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan if dtype == np.float64 else -1)
+            fh.swmr_mode = True
+            os.replace(tmp, self.path)
+        except BaseException:
+            fh.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fh = fh
+
+    def _open(self) -> None:
+        # locking=False: a reader holding the file must not stop the writer (the run lock keeps writers one)
+        self._fh = h5py.File(self.path, "r+", libver="latest", locking=False)
+        self._fh.swmr_mode = True
+
+    def _add_columns(self, fh, group: str, rows: dict | None = None) -> None:
+        """Make the group's missing datasets; a new column reads NaN (or 0 for integers) in earlier rows."""
+        g = fh.require_group(group)
+        rows = rows or {}
+        count = max((len(v) for v in rows.values()), default=next((ds.shape[0] for ds in g.values()), 0))
+        for name, dtype in self.columns[group].items():
+            if name in g:
+                continue
+            data = rows.get(name)
+            ds = g.create_dataset(name, shape=(count,), maxshape=(None,), dtype=dtype, chunks=(1024,),
+                                  fillvalue=np.nan if dtype == np.float64 else 0)
+            if data is not None and len(data):
+                ds[:] = data
+            if name in UNITS:
+                ds.attrs["units"] = UNITS[name]
 
     def append(self, group: str, row: dict) -> None:
         step = int(row["step"])
         if step <= self._last_step.get(group, -1):
             raise ValueError(f"{group}: steps must increase ({step} after {self._last_step[group]})")
         self._last_step[group] = step
-        columns = self.columns.setdefault(group, {"step": np.int64})
+        columns = self.columns.setdefault(group, dict(CORE_COLUMNS.get(group, {"step": np.int64})))
         for name in row:
             columns.setdefault(name, np.float64)
         self._rows.setdefault(group, []).append(row)
         if len(self._rows[group]) >= self.flush_every:
             self.flush()
 
-    def _add_columns(self, fh, group: str) -> None:
-        """Create the group's missing datasets; a new column reads NaN in the rows before it."""
-        g = fh.require_group(group)
-        count = self._in_file.setdefault(group, 0)
-        for name, dtype in self.columns[group].items():
-            if name in g:
-                continue
-            ds = g.create_dataset(name, shape=(count,), maxshape=(None,), dtype=dtype, chunks=(1024,),
-                                  fillvalue=np.nan if dtype == np.float64 else 0)
-            if name in UNITS:
-                ds.attrs["units"] = UNITS[name]
-
-    def _commit(self, change) -> None:
-        """Apply change(h5py.File) to a copy of the file, then rename the copy over it (crash-safe)."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a") as fh:
-                change(fh)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as err:
-            raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
-
-    def _resume(self, attrs: dict, step: int) -> None:
-        """Continue an existing file from a checkpoint at `step`: rows with step >= `step` are dropped."""
-        if not self.path.is_file():
-            raise CdmpiError(f"cannot resume: metrics file {self.path} not found (the checkpoint's rows "
-                             f"continue it); pass the --out of the interrupted run")
-
-        def truncate(fh):
-            for key, value in attrs.items():
-                fh.attrs[key] = value
-            fh.attrs["resumed_at_steps"] = np.append(fh.attrs.get("resumed_at_steps", np.zeros(0, np.int64)),
-                                                     np.int64(step))
-            if "final" in fh:  # the end of the run is still to come
-                del fh["final"]
-            for group in list(fh.keys()):
-                if not isinstance(fh[group], h5py.Group) or "step" not in fh[group]:
-                    continue
-                kept = int(np.searchsorted(fh[group]["step"][()], step, side="left"))
-                columns = self.columns.setdefault(group, {})
-                for name, ds in fh[group].items():
-                    ds.resize((kept,))
-                    columns.setdefault(name, ds.dtype.type)
-                self._in_file[group] = kept
-                self._rows.setdefault(group, [])
-                if kept:
-                    self._last_step[group] = int(fh[group]["step"][kept - 1])
-
-        try:
-            self._commit(truncate)
-        except OSError as err:
-            raise CdmpiError(f"cannot resume metrics file {self.path}: {err}") from None
+    def _restart(self, change) -> None:
+        """What SWMR cannot do while it runs: end it, change(file), start it again."""
+        self._fh.close()
+        with h5py.File(self.path, "r+", libver="latest", locking=False) as fh:
+            change(fh)
+        self._open()
 
     def flush(self) -> None:
         if not any(self._rows.values()):
             return
-
-        def append(fh):
-            for group, rows in self._rows.items():
-                if not rows:
-                    continue
-                self._add_columns(fh, group)
-                for name, dtype in self.columns[group].items():
-                    ds = fh[group][name]
-                    start = ds.shape[0]
-                    missing = np.nan if dtype == np.float64 else 0
-                    ds.resize((start + len(rows),))
-                    ds[start:] = np.asarray([r.get(name, missing) for r in rows], dtype=dtype)
-                self._in_file[group] += len(rows)
-
-        self._commit(append)
+        fh = self._fh
+        try:
+            pending = [g for g, rows in self._rows.items() if rows]
+            if any(g not in fh or any(c not in fh[g] for c in self.columns[g]) for g in pending):
+                self._restart(lambda f: [self._add_columns(f, g) for g in pending])
+                fh = self._fh
+            # every value converted before the file changes: a bad one leaves the file as it was
+            columns = {(group, name): np.asarray([r.get(name, np.nan if dtype == np.float64 else 0)
+                                                  for r in self._rows[group]], dtype=dtype)
+                       for group in pending for name, dtype in self.columns[group].items()}
+            for (group, name), values in columns.items():
+                ds = fh[group][name]
+                start = ds.shape[0]
+                ds.resize((start + len(values),))
+                ds[start:] = values
+            fh.flush()
+        except OSError as err:
+            raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
         for rows in self._rows.values():
             rows.clear()
 
+    def rows_before(self, group: str, step: int) -> int:
+        """Rows of `group` in the file (flushed) with a step before `step`."""
+        if self._fh is None or group not in self._fh:
+            return 0
+        return int(np.searchsorted(self._fh[group]["step"][()], step, side="left"))
+
     def write_array(self, name: str, array: np.ndarray) -> None:
-        """A fixed dataset, e.g. final/params (replaced if present)."""
-        def write(fh):
-            if name in fh:
-                del fh[name]
-            fh.create_dataset(name, data=array)
-
-        self._commit(write)
-
-    def set_attrs(self, attrs: dict) -> None:
-        def write(fh):
-            for key, value in attrs.items():
-                fh.attrs[key] = value
-
-        self._commit(write)
+        """An end-of-run array (made with the file: written in place)."""
+        array = np.asarray(array)
+        if name not in self._fh or self._fh[name].shape != array.shape:
+            def make(fh):
+                if name in fh:
+                    del fh[name]
+                fh.create_dataset(name, data=array)
+            self._restart(make)
+        else:
+            self._fh[name][...] = array
+        self._fh.flush()
 
     def close(self) -> None:
-        self.flush()
+        if self._fh is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self._fh.close()
+            self._fh = None
 
 
 # ---- rows from the workers' values ----------------------------------------------------------------------
@@ -221,15 +247,17 @@ def mean_of_workers(values: list[dict]) -> dict:
 
 def sum_of_shares(values: list[dict]) -> dict:
     """Each key: the sum over the workers in worker order of their shares (the built-in problems, whose
-    shares add up to the value over all data). The share "loss_and_grad" is the vector [f, grad f] of a
-    worker's part of the objective: its sum gives loss and grad_norm_sq, the squared norm of the gradient."""
+    shares add up to the value over all data). A share "loss_and_grad<suffix>" is the vector [f, grad f] of a
+    worker's part of an objective: its sum gives loss<suffix> and grad_norm_sq<suffix>, the squared norm of
+    the gradient."""
     keys = list(dict.fromkeys(k for v in values for k in v))
     row = {}
     for key in keys:
         total = _ordered_sum([torch.as_tensor(v[key], dtype=torch.float64) for v in values if key in v])
-        if key == "loss_and_grad":
-            row["loss"] = float(total[0])
-            row["grad_norm_sq"] = float(torch.dot(total[1:], total[1:]))
+        if key.startswith("loss_and_grad"):
+            suffix = key.removeprefix("loss_and_grad")
+            row["loss" + suffix] = float(total[0])
+            row["grad_norm_sq" + suffix] = float(torch.dot(total[1:], total[1:]))
         else:
             row[key] = _as_number(total)
     return row
@@ -238,18 +266,29 @@ def sum_of_shares(values: list[dict]) -> dict:
 REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}
 
 
-def read(path: str | Path) -> dict:
-    """{'attrs': {...}, 'train': {column: ndarray}} of one metrics file."""
+def read(path: str | Path, retry_seconds: float = 5.0) -> dict:
+    """{'attrs': {...}, 'train': {column: ndarray}, ...} of one metrics file, finished or being written
+    (opened as an SWMR reader). An open that fails while the writer adds a column is retried."""
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
-    try:
-        with h5py.File(path, "r") as fh:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
-            groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
-                      if isinstance(fh[g], h5py.Group)}
-    except OSError as err:
-        raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        try:
+            with h5py.File(path, "r", swmr=True, locking=False) as fh:
+                attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+                groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
+                          if isinstance(fh[g], h5py.Group)}
+            break
+        except OSError as err:
+            if time.monotonic() > deadline or not path.is_file():
+                raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
+            time.sleep(0.05)
     if "train" not in groups:
         raise CdmpiError(f"{path} is not a cdmpi metrics file (no /train group)")
+    for columns in groups.values():  # a row is whole once every column has it (a flush cut short by a crash)
+        if "step" in columns:
+            rows = min(len(values) for values in columns.values())
+            for name in columns:
+                columns[name] = columns[name][:rows]
     return {"attrs": attrs, **groups}

@@ -7,37 +7,17 @@ Exit statuses: 0 done; 1 failed during training (every rank ends); 2 bad input (
 
 from __future__ import annotations
 
-import signal
 import sys
 import traceback
+import uuid
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import checkpoint
+from .lock import RunLock, lock_path
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, AgreedError, CdmpiError, RunStopped, SetupFailed
-
-
-class StopOnSigterm:
-    """SIGTERM (SLURM's warning before the time limit, or preemption) only asks for a stop: the ranks agree
-    on it at the next step, write a checkpoint there and exit with EXIT_STOPPED. Use as a context manager
-    in the main thread."""
-
-    def __init__(self):
-        self.signals = 0
-        self._previous = None
-
-    def __enter__(self) -> "StopOnSigterm":
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.signals += 1
-
-    def requested(self) -> bool:
-        return self.signals > 0
 
 
 def describe(err: BaseException) -> str:
@@ -65,23 +45,95 @@ def agreed(phase: Callable[[], None], transport, rank: int) -> bool:
     return True
 
 
-def start(engine, out: str | Path | None, *, resume: str | None, overwrite: bool, warn=None) -> int | None:
-    """Collective: resume from a checkpoint of this run (`resume` auto or a path) or start afresh, then open
-    the metrics file. A fresh start refuses to run over an earlier run's checkpoints unless `overwrite`,
-    which deletes them. Returns the step resumed from, or None."""
-    root = checkpoint.root_for(engine.cfg, out) if out is not None or engine.cfg.checkpoint.dir else None
+def on_server(transport, work: Callable[[], None]) -> None:
+    """Server-only work inside a collective phase: its error, if any, is raised on every rank."""
+    error = None
+    if transport.is_server:
+        try:
+            work()
+        except CdmpiError as err:
+            error = str(err)
+    error = transport.share(error)
+    if error is not None:
+        raise CdmpiError(error)
+
+
+def start(engine, out: str | Path | None, *, resume: str | None = None, overwrite: bool = False, warn=None,
+          checkpoints: bool = True) -> int | None:
+    """Collective: lock the run's output, resume from a checkpoint of this run (`resume` auto or a path) or
+    start afresh, then open the metrics file. The lock comes before anything is deleted or truncated; a
+    fresh start refuses to run over an earlier run's checkpoints unless `overwrite`, which deletes them.
+    checkpoints=False: a run without any (sweeps). Returns the step resumed from, or None."""
+    transport = engine.transport
+    root = None
+    if checkpoints and (out is not None or engine.cfg.checkpoint.dir):
+        root = checkpoint.root_for(engine.cfg, out)
     if resume and root is None:
         raise CdmpiError("resume needs a run with checkpoints: give it an output file (or checkpoint.dir)")
-    engine.checkpoint_root = root
-    step = engine.resume(resume, root, warn=warn) if resume else None
-    if step is None and engine.transport.is_server and root is not None and checkpoint.list_checkpoints(root):
-        if not overwrite:
-            raise CdmpiError(f"checkpoints of an earlier run exist in {root}; pass --resume auto "
-                             f"to continue it or --overwrite to start over")
-        checkpoint.remove_all(root)
+    engine.agree_paths()
+    where = lock_path(out, root)
+    if where is not None:
+        lock = RunLock(where)
+        on_server(transport, lock.acquire)
+        engine.lock = lock if transport.is_server else None
+    try:
+        engine.checkpoint_root = root
+        manifest = engine.resume(resume, root, warn=warn) if resume else None
+        step = int(manifest["step"]) if manifest is not None else None
+        if transport.is_server:
+            _continue_or_start(engine, out, root, manifest, resume, overwrite, warn)
+    except BaseException:
+        if engine.lock is not None:
+            engine.lock.release()
+        raise
+    return step
+
+
+def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> None:
+    """The server's part of start after the collective restore: the metrics file must continue the
+    checkpoint's run; later checkpoints go; or a fresh start clears an earlier run's checkpoints."""
+    if manifest is not None:
+        step = int(manifest["step"])
+        engine.attrs["run_id"] = manifest.get("run_id") or uuid.uuid4().hex
+        if out is not None:
+            _check_continues(Path(out), manifest)
+        for later in checkpoint.remove_after(root, step):
+            if warn is not None:
+                warn(f"removed {later}: the run goes on from step {step}, so no later checkpoint may outlive "
+                     f"the new ones")
+    else:
+        step = None
+        engine.attrs["run_id"] = uuid.uuid4().hex
+        if root is not None and checkpoint.list_checkpoints(root):
+            if resume and not overwrite:
+                raise CdmpiError(f"no checkpoint in {root} could be resumed (each is named above); pass "
+                                 f"--overwrite to start over without them")
+            if not overwrite:
+                raise CdmpiError(f"checkpoints of an earlier run exist in {root}; pass --resume auto "
+                                 f"to continue it or --overwrite to start over")
+            checkpoint.remove_all(root)
     if out is not None:
         engine.open_metrics(out, overwrite=overwrite, resume_step=step)
-    return step
+
+
+def _check_continues(out: Path, manifest: dict) -> None:
+    """The metrics file must hold the checkpoint's run's rows: the same run id, and every row before the
+    checkpoint's step that was on disk when the checkpoint was written."""
+    from . import metrics
+
+    if not out.is_file():
+        raise CdmpiError(f"cannot resume: metrics file {out} not found (the checkpoint's rows continue it); "
+                         f"pass the --out of the interrupted run")
+    run = metrics.read(out)
+    ours, theirs = manifest.get("run_id"), run["attrs"].get("run_id")
+    if ours and theirs != ours:
+        raise CdmpiError(f"metrics file {out} holds the rows of another run (run id {theirs}; the checkpoint of "
+                         f"step {manifest['step']} belongs to run {ours}); resume with that run's --out")
+    have = int(np.searchsorted(run["train"]["step"], int(manifest["step"]), side="left"))
+    want = manifest.get("metrics_rows")
+    if want is not None and have != want:
+        raise CdmpiError(f"metrics file {out} has {have} rows before step {manifest['step']}, but the checkpoint's "
+                         f"run had written {want}: it is not the file this checkpoint continues")
 
 
 def finish(body: Callable[[], object], transport, rank: int) -> tuple[int, object]:
@@ -92,6 +144,8 @@ def finish(body: Callable[[], object], transport, rank: int) -> tuple[int, objec
         raise
     except BaseException as err:  # noqa: BLE001 - one failing rank must end them all
         return exit_status(err, transport, rank), None
+    finally:
+        transport.close()
 
 
 def exit_status(err: BaseException, transport, rank: int) -> int:
@@ -116,5 +170,4 @@ def exit_status(err: BaseException, transport, rank: int) -> int:
     return EXIT_FAILURE
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_STOPPED", "StopOnSigterm", "agreed", "exit_status", "finish",
-           "start"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILURE", "EXIT_STOPPED", "agreed", "exit_status", "finish", "start"]

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import devices, problems
+from . import devices, problems, runs
 from .config import Config, replace
 from .engine import Engine, Schedule, build as build_engine, run_problem
 from .errors import CdmpiError
-from .metrics import sum_of_shares
+from .metrics import EVAL_COLUMNS, sum_of_shares
 from .worker import ProblemWorker
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -38,9 +39,10 @@ class Training:
         return run_problem(self.engine, self.drivers, self.schedule)
 
 
-def build(cfg: Config, transport, *, out: str | Path | None = None, overwrite: bool = False) -> Training:
-    """Build this process's workers (and the server, where it runs); with `out`, a new metrics file.
-    Raises CdmpiError on bad input."""
+def build(cfg: Config, transport, *, out: str | Path | None = None, overwrite: bool = False,
+          checkpoints: bool = False) -> Training:
+    """Build this process's workers (and the server, where it runs); with `out`, a fresh start into that
+    metrics file (runs.start: locked; checkpoints only if asked). Raises CdmpiError on bad input."""
     torch.set_num_threads(cfg.run.threads)
     dtype = DTYPES[cfg.run.dtype]
     worker_device = devices.resolve(cfg.comm.worker_device, transport.local_rank)
@@ -56,8 +58,13 @@ def build(cfg: Config, transport, *, out: str | Path | None = None, overwrite: b
                           driver_states=drivers, worker_device=worker_device, reduce=sum_of_shares,
                           description=built.description)
     engine.attrs.update(steps=cfg.run.steps, steps_per_epoch=built.steps_per_epoch)
+    if built.data_sha256:
+        engine.attrs.update(data_path=str(built.data_path), data_sha256=built.data_sha256)
+    engine.columns["train"].update(dict.fromkeys(built.train_columns, np.float64))
+    if built.steps_per_epoch:  # the classifier's evaluations
+        engine.columns["eval"] = {**EVAL_COLUMNS, "epoch": np.float64, "loss": np.float64, "accuracy": np.float64}
     schedule = Schedule(cfg.run.steps, cfg.run.log_every, built.steps_per_epoch,
                         partial(lr_at, cfg=cfg, steps_per_epoch=built.steps_per_epoch))
     if out is not None:
-        engine.open_metrics(out, overwrite=overwrite)
+        runs.start(engine, out, overwrite=overwrite, checkpoints=checkpoints)
     return Training(cfg, engine, [drivers[i] for i in transport.worker_indices], schedule)

@@ -66,6 +66,7 @@ class Transport(Protocol):
     """What the engine, the checkpoints and the setup phases use of a transport."""
 
     name: str  # recorded in metrics files and checkpoints: "local" or "mpi"
+    step: int  # the step in progress (the engine keeps it up to date; messages name it)
     rank: int
     world_size: int
     n_workers: int
@@ -95,6 +96,8 @@ class Transport(Protocol):
     def collect(self, obj) -> list | None: ...
     def agree(self, error: str | None) -> tuple[int, str] | None: ...
     def traffic(self) -> tuple[int, int] | None: ...
+    def watch(self, timeout: float) -> None: ...
+    def close(self) -> None: ...
     def abort(self, code: int = 1) -> None: ...
 
 
@@ -102,6 +105,7 @@ class LocalTransport:
     """n logical workers and the server in one process; frames are handed over in memory."""
 
     name = "local"
+    step = 0
     rank = 0
     world_size = 1
     is_server = True
@@ -170,6 +174,12 @@ class LocalTransport:
     def traffic(self) -> None:
         return None  # nothing crosses a link
 
+    def watch(self, timeout: float) -> None:
+        pass  # one process: nothing to wait for
+
+    def close(self) -> None:
+        pass
+
     def share(self, obj):
         return obj
 
@@ -218,6 +228,23 @@ class MPITransport:
         # The workers' communicator of the sharded topology, made here because every rank constructs the
         # transport together (setup phases may fail on one rank, so they hold no collectives).
         self._workers_comm = comm.Split(MPI.UNDEFINED if self.is_server else 0, key=self.rank)
+        self._watch_comm = comm.Dup()  # the watchdog's own channel (see Watchdog)
+        self.watchdog: Watchdog | None = None
+        self.step = 0
+
+    def watch(self, timeout: float) -> None:
+        """comm.timeout: a watchdog ends the job when this rank waits longer than `timeout` seconds in one
+        of a step's collectives (0: no watchdog). Needs MPI_THREAD_MULTIPLE, which mpi4py asks for."""
+        if timeout > 0 and self.watchdog is None and self._mpi.Query_thread() == self._mpi.THREAD_MULTIPLE:
+            self.watchdog = Watchdog(self, timeout)
+
+    def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def _waiting(self, what: str):
+        return self.watchdog.waiting(what) if self.watchdog is not None else _NOT_WATCHED
 
     def worker_rank(self, index: int) -> int:
         return index + 1
@@ -256,7 +283,8 @@ class MPITransport:
         return self.path
 
     def allgather(self, obj) -> list:
-        return self.comm.allgather(obj)
+        with self._waiting("allgather"):
+            return self.comm.allgather(obj)
 
     def wants_sleep(self, mode: str, d: int) -> bool:
         """This rank's vote for comm.wait: sleep when asked, or (auto) for long vectors when more ranks share
@@ -332,7 +360,8 @@ class MPITransport:
 
     def gather_frames(self, up: torch.Tensor) -> torch.Tensor | None:
         """up: (n_local, nbytes) on this rank's frame device; the server passes a (0, nbytes) tensor."""
-        frames = self._gather(up, self.path == "staged")
+        with self._waiting("Gather"):
+            frames = self._gather(up, self.path == "staged")
         if self.is_server:  # uint8 bytes
             self.inbound_nbytes += frames.numel()
         else:
@@ -340,6 +369,10 @@ class MPITransport:
         return frames
 
     def broadcast(self, down: torch.Tensor) -> None:
+        with self._waiting("Bcast"):
+            self._broadcast(down)
+
+    def _broadcast(self, down: torch.Tensor) -> None:
         self._arrive()
         if self.is_server:
             self.outbound_nbytes += down.numel() * self.n_workers
@@ -375,9 +408,11 @@ class MPITransport:
             into = self._staging((n, width), up.dtype)
         offsets = _offsets(counts)
         mpi = self._mpi
-        self._arrive(self._workers_comm)
-        self._workers_comm.Alltoallv([self._mpi_buffer(send), (counts, offsets[:-1]), mpi.BYTE],
-                                     [self._mpi_buffer(into), ([width] * n, [i * width for i in range(n)]), mpi.BYTE])
+        with self._waiting("Alltoallv"):
+            self._arrive(self._workers_comm)
+            self._workers_comm.Alltoallv([self._mpi_buffer(send), (counts, offsets[:-1]), mpi.BYTE],
+                                         [self._mpi_buffer(into), ([width] * n, [i * width for i in range(n)]),
+                                          mpi.BYTE])
         if into is not recv:
             recv.copy_(into)
         self.inbound_nbytes += (n - 1) * width
@@ -395,8 +430,9 @@ class MPITransport:
             buf = self._staging(down.shape, down.dtype)
             buf[offsets[mine]:offsets[mine + 1]].copy_(down[offsets[mine]:offsets[mine + 1]])
         mpi = self._mpi
-        self._arrive(self._workers_comm)
-        self._workers_comm.Allgatherv(mpi.IN_PLACE, [self._mpi_buffer(buf), (counts, offsets[:-1]), mpi.BYTE])
+        with self._waiting("Allgatherv"):
+            self._arrive(self._workers_comm)
+            self._workers_comm.Allgatherv(mpi.IN_PLACE, [self._mpi_buffer(buf), (counts, offsets[:-1]), mpi.BYTE])
         if buf is not down:
             down.copy_(buf)  # blocking: buf is reused by the next MPI call
         self.inbound_nbytes += offsets[-1] - counts[mine]
@@ -409,7 +445,8 @@ class MPITransport:
         self.comm.Allreduce(self._mpi.IN_PLACE, self._mpi_buffer(buf), op=self._mpi.SUM)
 
     def gather_stats(self, rows: torch.Tensor) -> torch.Tensor | None:
-        return self._gather(rows.cpu(), False)
+        with self._waiting("Gather"):
+            return self._gather(rows.cpu(), False)
 
     def gather_control(self, rows: torch.Tensor) -> torch.Tensor:
         """Allgather of one control row per rank (uint8, on the host): rank r's row at index r."""
@@ -417,8 +454,9 @@ class MPITransport:
         table = self._control.get(width)
         if table is None:
             table = self._control[width] = torch.zeros(self.world_size, width, dtype=torch.uint8)
-        self._arrive()
-        self.comm.Allgather(rows[0].contiguous().numpy(), table.numpy())
+        with self._waiting("Allgather"):
+            self._arrive()
+            self.comm.Allgather(rows[0].contiguous().numpy(), table.numpy())
         self.inbound_nbytes += (self.world_size - 1) * width
         self.outbound_nbytes += (self.world_size - 1) * width
         return table
@@ -440,28 +478,140 @@ class MPITransport:
         the server from the control words), in worker order."""
         mpi = self._mpi
         if not self.is_server:
-            self.comm.Gatherv([packed, len(packed), mpi.BYTE], None, root=0)
+            with self._waiting("Gatherv"):
+                self.comm.Gatherv([packed, len(packed), mpi.BYTE], None, root=0)
             return None
         counts = [0, *counts]
         offsets = _offsets(counts)
         recv = bytearray(offsets[-1])
-        self.comm.Gatherv(mpi.IN_PLACE, [recv, (counts, offsets[:-1]), mpi.BYTE], root=0)
+        with self._waiting("Gatherv"):
+            self.comm.Gatherv(mpi.IN_PLACE, [recv, (counts, offsets[:-1]), mpi.BYTE], root=0)
         view = memoryview(recv)
         return [obj for r in range(1, self.world_size)
                 for obj in pickle.loads(view[offsets[r]:offsets[r + 1]])]
 
     def share(self, obj):
-        return self.comm.bcast(obj, root=0)
+        with self._waiting("bcast"):
+            return self.comm.bcast(obj, root=0)
 
     def collect(self, obj) -> list | None:
-        return self.comm.gather(obj, root=0)
+        with self._waiting("gather"):
+            return self.comm.gather(obj, root=0)
 
     def agree(self, error: str | None) -> tuple[int, str] | None:
         """Collective: the first (rank, error) any rank reported, on every rank."""
-        errors = self.comm.allgather(error)
+        with self._waiting("allgather"):
+            errors = self.comm.allgather(error)
         return next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+class _NotWatched:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NOT_WATCHED = _NotWatched()
+
+
+class Watchdog:
+    """comm.timeout: no silent stall. A thread on every rank notes when the rank enters and leaves a
+    collective (two attribute writes; the thread wakes every 0.1 s), from the moment the run's engine is
+    built (so data loading is not watched). When rank 0 has waited `timeout` seconds in one, its thread
+    asks every rank, on a channel of its own, where it is; ranks that do not answer within ANSWER_S
+    (stopped, or frozen) and ranks busy outside a collective (computing, writing a checkpoint) are named,
+    and the job is aborted. A worker that has waited `timeout` + GRACE_S seconds without rank 0 acting asks
+    rank 0 itself, and names it. So comm.timeout must exceed the longest step and checkpoint write."""
+
+    QUERY, ANSWER = 7001, 7002
+    ANSWER_S = 3.0
+    GRACE_S = 6.0
+
+    def __init__(self, transport: MPITransport, timeout: float):
+        import threading
+
+        self.transport = transport
+        self.comm = transport._watch_comm
+        self.timeout = timeout
+        self._since: float | None = None  # while inside a watched collective: when it was entered
+        self._what = ""
+        self._left = time.monotonic()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="cdmpi-watchdog", daemon=True)
+        self._thread.start()
+
+    def waiting(self, what: str) -> "Watchdog":
+        self._what = what
+        return self
+
+    def __enter__(self):
+        self._since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self._since = None
+        self._left = time.monotonic()
+        return False
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._thread.join(timeout=2)
+
+    def _status(self) -> dict:
+        now, since = time.monotonic(), self._since
+        if since is not None:
+            return {"step": self.transport.step, "state": f"waiting in {self._what}", "for": now - since}
+        return {"step": self.transport.step, "state": "computing", "for": now - self._left}
+
+    def _run(self) -> None:
+        any_source = self.transport._mpi.ANY_SOURCE
+        request = self.comm.irecv(source=any_source, tag=self.QUERY)
+        while not self._stopped:
+            time.sleep(0.1)
+            done, asker = request.test()
+            if done:  # rank 0 asks where this rank is (or a worker asks rank 0)
+                self.comm.send(self._status(), dest=asker, tag=self.ANSWER)
+                request = self.comm.irecv(source=any_source, tag=self.QUERY)
+            since = self._since
+            if since is None:
+                continue
+            waited = time.monotonic() - since
+            if self.transport.is_server and waited > self.timeout:
+                self._end(self._ask(range(1, self.transport.world_size)), waited)
+            elif not self.transport.is_server and waited > self.timeout + self.GRACE_S:
+                self._end(self._ask([0]), waited)
+        request.Cancel()
+
+    def _ask(self, ranks) -> dict[int, dict | None]:
+        """Every rank's answer (None: none within ANSWER_S)."""
+        ranks = list(ranks)
+        for rank in ranks:
+            self.comm.isend(self.transport.rank, dest=rank, tag=self.QUERY)
+        answers: dict[int, dict | None] = dict.fromkeys(ranks)
+        deadline = time.monotonic() + self.ANSWER_S
+        status = self.transport._mpi.Status()
+        while time.monotonic() < deadline and any(a is None for a in answers.values()):
+            if self.comm.iprobe(source=self.transport._mpi.ANY_SOURCE, tag=self.ANSWER, status=status):
+                answers[status.Get_source()] = self.comm.recv(source=status.Get_source(), tag=self.ANSWER)
+            else:
+                time.sleep(0.05)
+        return answers
+
+    def _end(self, answers: dict[int, dict | None], waited: float) -> None:
+        silent = [r for r, a in answers.items() if a is None]
+        busy = [f"rank {r} has been {a['state']} at step {a['step']} for {a['for']:.0f} s"
+                for r, a in answers.items() if a is not None and a["state"] == "computing"]
+        parts = ([f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer "
+                  f"(stopped or hung)"] if silent else []) + busy
+        who = "" if self.transport.is_server else f" on rank {self.transport.rank}"
+        print(f"cdmpi: error{who}: no progress for {waited:.0f} s at step {self.transport.step} (comm.timeout = "
+              f"{self.timeout:g} s; rank {self.transport.rank} waits in {self._what}): "
+              f"{'; '.join(parts) or 'every rank answered and waits'}", file=sys.stderr, flush=True)
+        self.transport.comm.Abort(1)

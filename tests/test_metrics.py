@@ -28,7 +28,7 @@ def test_rows_are_flushed_every_k_and_survive_without_close(tmp_path):
     writer.close()
     run = metrics.read(path)
     np.testing.assert_array_equal(run["train"]["step"], np.arange(11))
-    assert run["attrs"]["algorithm"] == "cdadam" and run["attrs"]["format_version"] == 1
+    assert run["attrs"]["algorithm"] == "cdadam" and run["attrs"]["format_version"] == metrics.FORMAT_VERSION
     with h5py.File(path) as fh:
         assert fh["train/bits_up"].dtype == np.int64 and fh["train/bits_up"].attrs["units"] == "bits"
 

@@ -21,6 +21,9 @@ class Built:
     shards: dict  # worker index -> shard, for the workers that live in this process
     description: str
     steps_per_epoch: int = 0  # 0: the problem has no epochs
+    data_path: str | None = None  # the data file, where there is one, and its sha256
+    data_sha256: str | None = None
+    train_columns: tuple[str, ...] = ()  # metrics columns beyond the core ones
 
 
 def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
@@ -38,7 +41,9 @@ def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built
     generator = torch.Generator().manual_seed(cfg.run.seed)
     x0 = cfg.problem.init_scale * torch.randn(ds.n_features, generator=generator, dtype=torch.float64)
     return Built(ds.n_features, x0.to(dtype=dtype, device=device), shards,
-                 f"logreg on {ds.name}: {ds.n_samples} samples, {ds.n_features} features")
+                 f"logreg on {ds.name}: {ds.n_samples} samples, {ds.n_features} features",
+                 data_path=None if ds.source == "synthetic" else ds.source, data_sha256=ds.sha256,
+                 train_columns=("loss_all_rows", "grad_norm_sq_all_rows"))
 
 
 def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:

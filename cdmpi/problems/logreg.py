@@ -1,5 +1,7 @@
-"""Section 7.1: logistic regression with the nonconvex regulariser
-f(x) = (1/N) sum_j log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2)."""
+"""Section 7.1: logistic regression with the nonconvex regulariser. Worker i holds rows D_i and
+f_i(x) = (1/|D_i|) sum_{j in D_i} log(1 + exp(-y_j a_j^T x)) + lam sum_k x_k^2 / (1 + x_k^2); the algorithms
+minimise the paper's (3.1), f(x) = (1/n) sum_i f_i(x), which the metrics measure. With shards of unequal
+size, (3.1) is not the mean over all N rows (7.1), which the metrics keep beside it (*_all_rows)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ def regulariser(x: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor
 class LogRegShard:
     """Worker i's part: f_i(x) = mean over its rows of the logistic loss + the regulariser.
 
-    ``evaluate`` also returns this worker's *share* of the full objective, [f, grad f] with its loss sum / N
-    plus regulariser / n, so that the server recovers f(x) and grad f(x) by adding the n shares.
+    ``evaluate`` also returns this worker's *shares* of the objectives, which the server adds up: of (3.1),
+    [f_i, grad f_i] / n; and of the mean over all N rows, [its loss sum / N + regulariser / n, gradient
+    likewise].
     """
 
     def __init__(self, features, labels, *, n_total: int, n_workers: int, reg: float, dtype, device):
@@ -66,7 +69,10 @@ class LogRegShard:
             if rows is not None:  # the share is always over the whole shard
                 _, share = self.evaluate(x, None, True)
             else:
-                loss = F.softplus(-margin).sum() / self.n_total + reg_value / self.n_workers
-                grad_share = grad_sum / self.n_total + reg_grad / self.n_workers
-                share = {"loss_and_grad": torch.cat([loss.reshape(1), grad_share]).to(torch.float64)}
+                loss_sum = F.softplus(-margin).sum()
+                f_i = loss_sum / a.shape[0] + reg_value
+                all_rows = torch.cat([(loss_sum / self.n_total + reg_value / self.n_workers).reshape(1),
+                                      grad_sum / self.n_total + reg_grad / self.n_workers])
+                share = {"loss_and_grad": torch.cat([f_i.reshape(1), grad]).to(torch.float64) / self.n_workers,
+                         "loss_and_grad_all_rows": all_rows.to(torch.float64)}
         return grad, share

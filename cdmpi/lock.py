@@ -1,0 +1,122 @@
+"""One writer per run: an exclusive lock on a run's output (metrics file and checkpoint folder).
+
+The lock is ``RUN.h5.lock`` beside the metrics file, held by the server's process for the run's whole
+life with ``flock``: the kernel drops it when that process ends, however it ends (SIGKILL included), so a
+killed run never blocks its own resume. The file names the holder (host, pid, start time, SLURM job);
+a second run on the same output reads it and stops with that in its message, having changed nothing.
+
+A stale lock is one whose holder is gone but whose flock outlives it: on a network filesystem whose
+client node died, the server may keep the lock for a while. A run takes such a lock over when it belongs
+to the same SLURM job (a requeued job is one job id, and SLURM runs one copy of a job at a time) and the
+holder is on another host, or on this host with its pid gone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from .errors import CdmpiError
+
+
+def _slurm_job() -> str:
+    job = os.environ.get("SLURM_JOB_ID", "")
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    return f"{job}_{task}" if job and task else job
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(holder: dict) -> str:
+    job = f", SLURM job {holder['job']}" if holder.get("job") else ""
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}{job}"
+
+
+class RunLock:
+    """Hold with acquire() and release() (or as a context manager)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _slurm_job(),
+                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+    def _stale(self, holder: dict) -> bool:
+        if not self.me["job"] or holder.get("job") != self.me["job"]:
+            return False
+        return holder.get("host") != self.me["host"] or not _pid_alive(int(holder.get("pid", -1)))
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        """Take the lock, or raise CdmpiError naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a holder may release (and remove the file) between our open and our flock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CdmpiError(f"cannot lock {self.path}: {err}") from None
+                holder = self._holder()
+                if self._stale(holder):
+                    self.path.unlink(missing_ok=True)  # our own job's earlier run, on a node that is gone
+                    continue
+                raise CdmpiError(f"{self.path.with_suffix('')} is in use by another run ({describe(holder)}); "
+                                 f"wait for it to end or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the file we locked was removed by its holder on release: take the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(self.me).encode())
+            os.fsync(fd)
+            self._fd = fd
+            return
+        raise CdmpiError(f"cannot lock {self.path}: it keeps changing under this run")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_path(out: str | Path | None, checkpoint_root: Path | None) -> Path | None:
+    """RUN.h5.lock beside the metrics file, or (no metrics file) in the checkpoint folder."""
+    if out is not None:
+        return Path(str(out) + ".lock")
+    if checkpoint_root is not None:
+        return checkpoint_root / "run.lock"
+    return None

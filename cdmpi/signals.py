@@ -1,0 +1,41 @@
+"""SIGTERM as a request to stop with a checkpoint (no heavy imports: it is installed first thing)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+class StopOnSigterm:
+    """SIGTERM (SLURM's warning before the time limit, or preemption) only asks for a stop: the ranks agree
+    on it at the next step, write a checkpoint there and exit with status 75. Install it before anything
+    slow (imports, data loading), so that a SIGTERM then is a stop too, not the end of the process."""
+
+    def __init__(self):
+        self.signals = 0
+        self._previous = None
+
+    def install(self) -> "StopOnSigterm":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def uninstall(self, deliver: bool = False) -> None:
+        """Put the previous handler back; with `deliver`, a SIGTERM received meanwhile is sent again to it."""
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGTERM, self._previous)
+        self._previous = None
+        if deliver and self.signals:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __enter__(self) -> "StopOnSigterm":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _handle(self, signum, frame) -> None:
+        self.signals += 1
+
+    def requested(self) -> bool:
+        return self.signals > 0
