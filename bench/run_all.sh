@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the seven benchmarks one after the other and rebuilds results/bench/README.md (about 10 minutes on
+# Runs the nine benchmarks one after the other and rebuilds results/bench/README.md (about 10 minutes on
 # 2 cores). Usage: bench/run_all.sh  (from anywhere; uses .venv unless PYTHON and MPIEXEC are set)
-#   BASELINE=DIR  also time benchmark 6 on another cdmpi checkout (e.g. a worktree of an older commit)
+#   BASELINE=DIR  also time benchmarks 6 and 8 on another cdmpi checkout (e.g. a worktree of an older commit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -17,4 +17,6 @@ fi
 "$PYTHON" bench/project_table.py
 "$PYTHON" bench/local_throughput.py ${BASELINE:+--baseline "$BASELINE"}
 "$PYTHON" bench/topology_scaling.py --workers 2 4 8 16 --dim 1000000 --steps 10
+"$PYTHON" bench/metrics_flush.py ${BASELINE:+--baseline "$BASELINE"}
+"$PYTHON" bench/watchdog_cost.py
 "$PYTHON" bench/collect.py
