@@ -12,6 +12,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cdmpi", "cdmpi.*"]),
+    package_data={"cdmpi": ["datasets/*.gz", "datasets/README.md"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.1",

@@ -11,7 +11,7 @@ _API = ("launch", "Run", "DistributedOptimizer")
 
 def launched_by_mpi() -> bool:
     """Whether an MPI launcher (mpiexec, srun) started this process: cdmpi.launch then runs one rank."""
-    from .transport import launched_by_mpi as launched
+    from .launcher import launched_by_mpi as launched
 
     return launched()
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import compress, wire
-from .compress import COMPRESSORS, Compressor, Identity
+from . import catalog, compress, wire
+from .compress import Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
 from .markov import ErrorFeedback, FrameReader, MarkovMean, MarkovSequence, mean_of_frames
@@ -345,40 +345,16 @@ class Algorithm:
     description: str
 
 
-COMPRESSED = ("scaled_sign", "topk", "randk")
-
-ALGORITHMS: dict[str, Algorithm] = {
-    a.name: a for a in (
-        Algorithm("cdadam", CDAdamWorker, CDAdamServer, ("scaled_sign", "topk", "randk", "identity"),
-                  "CD-Adam (Algorithm 1): Markov-compressed both ways, AMSGrad on the workers"),
-        Algorithm("amsgrad", DirectAmsgradWorker, DirectServer, ("identity",),
-                  "uncompressed distributed AMSGrad (Section 3): fp32 frames both ways"),
-        Algorithm("amsgrad-ef", EFAmsgradWorker, EFServer, COMPRESSED,
-                  "AMSGrad with error feedback at every worker and at the server (Section 4)"),
-        Algorithm("amsgrad-naive", DirectAmsgradWorker, DirectServer, COMPRESSED,
-                  "AMSGrad on compressed gradients, compressed again by the server, no memory (Section 4)"),
-        Algorithm("ef21", EF21Worker, CDAdamServer, ("topk", "scaled_sign", "randk"),
-                  "EF21: Markov-compressed both ways (Section 7.2), SGD on the workers"),
-        Algorithm("onebit-adam", OnebitAdamWorker, OnebitAdamServer, COMPRESSED,
-                  "1-bit Adam (Tang et al. 2021): optim.warmup_steps of fp32 Adam, then frozen variance "
-                  "and error-fed compressed momentum"),
-    )
-}
+_CODE = {"cdadam": (CDAdamWorker, CDAdamServer), "amsgrad": (DirectAmsgradWorker, DirectServer),
+         "amsgrad-ef": (EFAmsgradWorker, EFServer), "amsgrad-naive": (DirectAmsgradWorker, DirectServer),
+         "ef21": (EF21Worker, CDAdamServer), "onebit-adam": (OnebitAdamWorker, OnebitAdamServer)}
+ALGORITHMS: dict[str, Algorithm] = {name: Algorithm(name, *_CODE[name], info.compressors, info.description)
+                                    for name, info in catalog.ALGORITHMS.items()}
 
 
 def get(name: str, compressor: str) -> Algorithm:
-    if compressor != "auto" and compressor not in COMPRESSORS:
-        raise CdmpiError(f"unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)} or auto")
-    algorithm = ALGORITHMS.get(name)
-    if algorithm is None:
-        raise CdmpiError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    if compressor != "auto" and compressor not in algorithm.compressors:
-        raise CdmpiError(f"algorithm {name!r} does not work with compressor {compressor!r}; "
-                         f"it takes {', '.join(algorithm.compressors)} (or auto)")
-    return algorithm
+    catalog.check(name, compressor)
+    return ALGORITHMS[name]
 
 
-def compressor_for(name: str, compressor: str) -> str:
-    """The compressor a run uses: the configured one, or the algorithm's default for 'auto'."""
-    algorithm = get(name, compressor)
-    return algorithm.compressors[0] if compressor == "auto" else compressor
+compressor_for = catalog.compressor_for

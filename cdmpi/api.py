@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, config, devices, engine as engines, log, runs
+from . import checkpoint, config, devices, engine as engines, launcher, log, runs
 from .config import Config
 from .engine import Engine, WorkerStep
 from .errors import EXIT_BAD_INPUT, AgreedError, CdmpiError, RunStopped, SetupFailed
@@ -49,7 +49,8 @@ OPTIONS = {"algorithm": "optim.algorithm", "lr": "optim.lr", "eps": "optim.nu", 
            "warmup_steps": "optim.warmup_steps", "compressor": "compress.name", "ratio": "compress.ratio",
            "k": "compress.k"}  # and betas = (optim.beta1, optim.beta2)
 # launch()'s settings: the config keys that apply to a user's loop.
-SETTINGS = ("run.seed", "run.threads", "run.flush_every", "run.deterministic", "checkpoint.every", "checkpoint.dir",
+SETTINGS = ("run.seed", "run.threads", "run.flush_every", "run.deterministic", "run.progress_every",
+            "checkpoint.every", "checkpoint.dir",
             "checkpoint.keep", "checkpoint.check_every", "comm.cuda_aware", "comm.worker_device",
             "comm.server_device", "comm.topology", "comm.wait")
 RESERVED_COLUMNS = ("step", "bits_up", "bits_down", "wall_time", "grad_norm_sq")
@@ -544,7 +545,7 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
     if backend not in ("auto", "mpi", "local"):
         raise CdmpiError(f"backend must be 'auto', 'mpi' or 'local', got {backend!r}")
     if backend == "auto":
-        backend = "mpi" if transports.launched_by_mpi() else "local"
+        backend = "mpi" if launcher.launched_by_mpi() else "local"
     stop = StopOnSigterm().install()
     try:
         transport = transports.MPITransport.from_world() if backend == "mpi" else None

@@ -43,8 +43,8 @@ FORMAT_VERSION = 2  # 2: worker files hold the driver state (sampler or user sta
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys a resumed run may change: they do not change the trajectory of x. run.workers is checked as the
 # world size, with its own message.
-MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "comm.wait",
-                "comm.timeout")
+MUTABLE_KEYS = ("run.steps", "run.threads", "run.flush_every", "run.log_every", "run.workers", "run.progress_every",
+                "comm.wait", "comm.timeout")
 MUTABLE_SECTIONS = ("checkpoint",)
 MANIFEST_KEYS = ("format_version", "step", "n_workers", "world_size", "backend", "d", "config", "config_hash",
                  "files")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _train_parser(sub) -> None:
-    from . import algorithms
+    from . import catalog
 
     p = sub.add_parser(
         "train", help="run one training job (under mpiexec for the MPI backend)",
@@ -35,7 +36,7 @@ def _train_parser(sub) -> None:
         epilog="algorithms (optim.algorithm; compressors it takes, the first is its default for "
                "compress.name = \"auto\"):\n" + "\n".join(
                    f"  {a.name:<14} [{', '.join(a.compressors)}] {a.description}"
-                   for a in algorithms.ALGORITHMS.values()),
+                   for a in catalog.ALGORITHMS.values()),
         formatter_class=_Formatter)
     p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",
@@ -56,6 +57,33 @@ def _train_parser(sub) -> None:
                         "none; PATH = a step-* checkpoint directory or a directory holding them. The "
                         "metrics file is continued")
     p.add_argument("--quiet", action="store_true", help="no progress bar or info log lines")
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser(
+        "data", help="the known datasets: where each is looked for, and adding a file",
+        description="Without arguments: every dataset a config can name (data.dataset), the file name looked "
+                    "for, and where it is: $CDMPI_DATA_DIR, then the cache ($CDMPI_CACHE_DIR/libsvm, default "
+                    "~/.cache/cdmpi/libsvm), then cdmpi's own copy (mushrooms), then a download from the LIBSVM "
+                    "page (not with CDMPI_OFFLINE=1). Every file is checked against its sha256. Any other LibSVM "
+                    "file can be trained on by path: --set data.dataset=/path/to/file.")
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    add = actions.add_parser("add", help="copy a dataset's file into the cache, after checking its sha256",
+                             description="Copy FILE into the cache under its dataset's name (the one whose "
+                                         "sha256 it has, or NAME), so that configs find it anywhere.")
+    add.add_argument("file", help="a LIBSVM file, e.g. a9a as downloaded from the LIBSVM page")
+    add.add_argument("name", nargs="?", default=None, help="the dataset it is (default: found by its sha256)")
+
+
+def _watch_parser(sub) -> None:
+    p = sub.add_parser("watch", help="follow a running job's metrics file to its end",
+                       description="A progress bar and the latest row of RUN.h5 while a run writes it (read as an "
+                                   "HDF5 SWMR reader: the run is never disturbed). Ends when the run does: exit 0 "
+                                   "if it finished, 1 if it stopped or failed first.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("file", help="the metrics file a run writes (its --out)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the file to appear")
 
 
 def _report_parser(sub) -> None:
@@ -134,19 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cdmpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _data_parser(sub)
     _sweep_parser(sub)
     _report_parser(sub)
+    _watch_parser(sub)
     _plot_parser(sub)
     _project_parser(sub)
     return parser
 
 
 def cmd_train(args, stop: StopOnSigterm) -> int:
-    from . import runs, transport as transports
+    from . import launcher
 
     backend = args.backend
     if backend == "auto":
-        backend = "mpi" if transports.launched_by_mpi() else "local"
+        backend = "mpi" if launcher.launched_by_mpi() else "local"
+    # The config and the command line first, before torch and MPI start: a mistake costs a fraction of a
+    # second. Every rank reads the same config and fails alike, so the launcher's rank 0 alone says why.
+    try:
+        cfg = _checked_config(args, backend)
+    except CdmpiError as err:
+        if launcher.rank() == 0:
+            print(f"cdmpi: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from . import runs, transport as transports
+
     transport = None
     if backend == "mpi":
         try:
@@ -157,7 +198,7 @@ def cmd_train(args, stop: StopOnSigterm) -> int:
             return EXIT_BAD_INPUT
     rank = transport.rank if transport is not None else 0
     logger = log.setup(rank, verbose=not args.quiet)
-    job = _TrainJob(args, transport)
+    job = _TrainJob(args, cfg, transport)
     for phase in (job.prepare, job.build, job.start):
         if not runs.agreed(phase, job.transport, rank):
             return EXIT_BAD_INPUT
@@ -175,13 +216,28 @@ def cmd_train(args, stop: StopOnSigterm) -> int:
     return status
 
 
+def _checked_config(args, backend: str) -> config.Config:
+    """The config, and the command line's own mistakes, checked without torch or MPI."""
+    from . import launcher
+
+    if backend == "local" and launcher.world_size() > 1:
+        raise CdmpiError(f"--backend local under an MPI launcher would start {launcher.world_size()} separate runs "
+                         f"racing on one output; run `cdmpi train` without mpiexec/srun for the in-process "
+                         f"backend, or drop --backend local")
+    if args.workers is not None and args.workers < 1:
+        raise CdmpiError(f"--workers must be >= 1, got {args.workers}")
+    if args.out is not None and Path(args.out).suffix not in (".h5", ".hdf5"):
+        raise CdmpiError(f"--out {args.out}: the metrics file is HDF5; name it .h5 or .hdf5")
+    return config.load(args.config, args.overrides)
+
+
 class _TrainJob:
     """The set-up phases of `cdmpi train`, each run on every rank and agreed on (runs.agreed)."""
 
-    def __init__(self, args, transport):
+    def __init__(self, args, cfg: config.Config, transport):
         self.args = args
+        self.cfg = cfg
         self.transport = transport  # None until prepare() makes the in-process one
-        self.cfg = None
         self.training = None
 
     @property
@@ -193,7 +249,6 @@ class _TrainJob:
         from . import data, transport as transports
 
         args = self.args
-        self.cfg = config.load(args.config, args.overrides)
         if self.transport is None:
             self.transport = transports.LocalTransport(args.workers if args.workers is not None
                                                        else self.cfg.run.workers)
@@ -221,6 +276,34 @@ class _TrainJob:
             log.LOGGER.info("resuming from checkpoint step %d in %s", step, engine.checkpoint_root)
 
 
+def cmd_data(args) -> int:
+    from . import data
+
+    if args.action == "add":
+        name, path = data.add(Path(args.file), args.name)
+        print(f"cdmpi: {args.file} is {name}: copied to {path}")
+        return 0
+    rows = data.status()
+    width = max(len(r["dataset"]) for r in rows)
+    print(f"{'dataset':<{width}}  where")
+    for r in rows:
+        print(f"{r['dataset']:<{width}}  {r['where']}")
+    print(f"\nLooked for, by file name, in ${data.DATA_DIR_ENV} ({os.environ.get(data.DATA_DIR_ENV) or 'unset'}), "
+          f"then in the cache {data.cache_dir()}; mushrooms is bundled; the others are downloaded from "
+          f"{data.LIBSVM_URL.format(name='NAME')} on first use"
+          f"{' (off: $' + data.OFFLINE_ENV + ')' if os.environ.get(data.OFFLINE_ENV, '') not in ('', '0') else ''}. "
+          f"Add a file: cdmpi data add FILE. Any LibSVM file: --set data.dataset=/path/to/file")
+    return 0
+
+
+def cmd_watch(args) -> int:
+    from . import watch
+
+    if args.interval <= 0:
+        raise CdmpiError(f"--interval must be > 0, got {args.interval}")
+    return watch.watch(args.file, args.interval, args.wait)
+
+
 def cmd_report(args) -> int:
     from . import analysis
 
@@ -237,7 +320,7 @@ def cmd_report(args) -> int:
 
 def cmd_sweep(args) -> int:
     from . import sweep
-    from .transport import launched_by_mpi
+    from .launcher import launched_by_mpi
 
     if launched_by_mpi():
         raise CdmpiError("run `cdmpi sweep` itself without mpiexec; --backend mpi launches each run")
@@ -295,7 +378,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if args.command != "train":
             stop.uninstall(deliver=True)
-        commands = {"sweep": cmd_sweep, "report": cmd_report, "plot": cmd_plot, "project": cmd_project}
+        commands = {"data": cmd_data, "sweep": cmd_sweep, "report": cmd_report, "watch": cmd_watch,
+                    "plot": cmd_plot, "project": cmd_project}
         return cmd_train(args, stop) if args.command == "train" else commands[args.command](args)
     except CdmpiError as err:
         print(f"cdmpi: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import catalog
 from .errors import CdmpiError
 
 
@@ -25,6 +26,7 @@ class RunConfig:
     threads: int = 1  # torch threads per rank; ranks usually share cores
     deterministic: bool = True  # CUDA: deterministic cuDNN kernels (MPI and in-process runs then match bit for bit)
     epochs: int = 0  # > 0 (image problems): run.steps = epochs * steps per epoch, which the shards decide
+    progress_every: float = 10.0  # seconds between progress lines on rank 0 when stderr is not a terminal (0: none)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ def _check_choices(cfg: Config) -> None:
     for key, value in (("comm.worker_device", cfg.comm.worker_device), ("comm.server_device", cfg.comm.server_device)):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise CdmpiError(f"config: {key} must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if cfg.run.progress_every < 0:
+        raise CdmpiError(f"config: run.progress_every must be >= 0 (0: no progress lines), got {cfg.run.progress_every!r}")
     if cfg.comm.timeout < 0:
         raise CdmpiError(f"config: comm.timeout must be >= 0 (0: no watchdog), got {cfg.comm.timeout!r}")
     if cfg.comm.wait not in ("auto", "spin", "sleep"):
@@ -157,6 +161,7 @@ def _check_choices(cfg: Config) -> None:
         raise CdmpiError(f"config: comm.topology must be 'star' or 'sharded', got {cfg.comm.topology!r}")
     if cfg.optim.warmup_steps < 0:
         raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
+    catalog.check(cfg.optim.algorithm, cfg.compress.name)
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
 
@@ -225,6 +230,9 @@ def from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
         node[path[-1]] = value
     cfg = _build(Config, values, "")
     _check_choices(cfg)
+    if cfg.run.epochs and "steps" in values.get("run", {}):
+        raise CdmpiError(f"config: run.steps = {cfg.run.steps} and run.epochs = {cfg.run.epochs} are both set; "
+                         f"with epochs the steps follow from the data (epochs x steps per epoch): set one")
     return cfg
 
 

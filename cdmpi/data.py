@@ -3,6 +3,7 @@ by path, and a seeded synthetic set; contiguous equal shards, one per worker."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
@@ -69,6 +70,15 @@ def _checked(path: Path, name: str) -> Path:
     return path
 
 
+def _not_found(name: str, why: str) -> CdmpiError:
+    data_dir = os.environ.get(DATA_DIR_ENV)
+    return CdmpiError(
+        f"dataset {name!r} (file name {name!r}) is not in ${DATA_DIR_ENV} ({data_dir or 'unset'}) nor in the cache "
+        f"{cache_dir()}, and {why}. Put the LIBSVM file there with `cdmpi data add FILE`, set {DATA_DIR_ENV} to "
+        f"the folder that holds it, or train on the file itself with --set data.dataset=/path/to/file "
+        f"(`cdmpi data` lists where each dataset is looked for)")
+
+
 def fetch(url: str, dest: Path, sha256: str, name: str, timeout: float = 60.0) -> Path:
     """Download url into dest atomically; keep it only if its sha256 matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +88,7 @@ def fetch(url: str, dest: Path, sha256: str, name: str, timeout: float = 60.0) -
                 shutil.copyfileobj(response, tmp)
         except OSError as err:
             os.unlink(tmp.name)
-            raise CdmpiError(
-                f"dataset {name!r} is not in ${DATA_DIR_ENV} ({os.environ.get(DATA_DIR_ENV) or 'unset'}) "
-                f"nor in the cache {dest.parent}, and downloading {url} failed ({err}). Offline? Put the "
-                f"file in a folder and set {DATA_DIR_ENV} to that folder.") from None
+            raise _not_found(name, f"downloading {url} failed ({err})") from None
     tmp_path = Path(tmp.name)
     if sha256_of(tmp_path) != sha256:
         tmp_path.unlink()
@@ -95,19 +102,77 @@ def download(name: str, dest: Path, timeout: float = 60.0) -> Path:
     return fetch(LIBSVM_URL.format(name=name), dest, LIBSVM_SHA256[name], name, timeout)
 
 
-def locate(name: str, allow_download: bool = True) -> Path:
-    """The checked local file of a known LIBSVM dataset, downloading it into the cache if needed."""
+# Shipped with the package (gzip), so that the demo runs offline: mushrooms, from the LIBSVM page
+# (https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary.html#mushrooms), which made it from the UCI
+# Mushroom data set (Schlimmer, 1987; UCI Machine Learning Repository, CC BY 4.0). cdmpi/datasets/README.md.
+BUNDLED = {"mushrooms": Path(__file__).with_name("datasets") / "mushrooms.gz"}
+
+
+def _install(name: str, source: Path, dest: Path, opener=open) -> Path:
+    """Copy source (opened with opener) into dest atomically, keeping it only if its sha256 is name's."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
+        with opener(source, "rb") as fh:
+            shutil.copyfileobj(fh, tmp)
+    tmp_path = Path(tmp.name)
+    actual = sha256_of(tmp_path)
+    if actual != LIBSVM_SHA256[name]:
+        tmp_path.unlink()
+        raise CdmpiError(f"{source} has sha256 {actual[:12]}..., not {name}'s ({LIBSVM_SHA256[name][:12]}...)")
+    os.replace(tmp_path, dest)
+    return dest
+
+
+def where(name: str) -> Path | None:
+    """The local file of a known dataset if there is one ($CDMPI_DATA_DIR, then the cache), unchecked."""
     data_dir = os.environ.get(DATA_DIR_ENV)
-    if data_dir and (Path(data_dir) / name).is_file():
-        return _checked(Path(data_dir) / name, name)
+    for folder in ([Path(data_dir)] if data_dir else []) + [cache_dir()]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def locate(name: str, allow_download: bool = True) -> Path:
+    """The checked local file of a known LIBSVM dataset: from $CDMPI_DATA_DIR, the cache, the package's own
+    copy (unpacked into the cache), or downloaded into the cache."""
+    found = where(name)
+    if found is not None:
+        return _checked(found, name)
     cached = cache_dir() / name
-    if cached.is_file():
-        return _checked(cached, name)
+    if name in BUNDLED:
+        return _install(name, BUNDLED[name], cached, gzip.open)
     if not allow_download or os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise CdmpiError(f"dataset {name!r} is not in ${DATA_DIR_ENV} ({data_dir or 'unset'}) nor in the "
-                         f"cache {cached.parent}, and downloads are off; put the LIBSVM file in a folder "
-                         f"and set {DATA_DIR_ENV} to that folder")
+        raise _not_found(name, f"downloads are off (${OFFLINE_ENV})")
     return download(name, cached)
+
+
+def add(path: Path, name: str | None = None) -> tuple[str, Path]:
+    """`cdmpi data add`: a known dataset's file into the cache, after checking its sha256. The name is the
+    one given, else the dataset whose sha256 the file has."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdmpiError(f"cdmpi data add: {path} is not a file")
+    if name is None:
+        digest = sha256_of(path)
+        name = next((n for n, sha in LIBSVM_SHA256.items() if sha == digest), None)
+        if name is None:
+            raise CdmpiError(f"{path} is none of the known datasets ({', '.join(LIBSVM_SHA256)}): its sha256 "
+                             f"{digest[:12]}... matches none of theirs; train on it with "
+                             f"--set data.dataset={path}")
+    elif name not in LIBSVM_SHA256:
+        raise CdmpiError(f"cdmpi data add: unknown dataset {name!r}; the known ones are {', '.join(LIBSVM_SHA256)}")
+    return name, _install(name, path, cache_dir() / name)
+
+
+def status() -> list[dict]:
+    """`cdmpi data`: every known dataset, the file name looked for, and where it is (if anywhere)."""
+    rows = []
+    for name in LIBSVM_SHA256:
+        found = where(name)
+        state = str(found) if found else "bundled with cdmpi (unpacked on first use)" if name in BUNDLED else \
+            "missing (downloaded on first use unless offline)"
+        rows.append({"dataset": name, "file name": name, "where": state})
+    return rows
 
 
 _TOKEN = re.compile(r"^\d+:[^:\s]+$")

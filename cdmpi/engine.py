@@ -136,6 +136,33 @@ class ServerRole:
         self.log.load_state_dict(state)
 
 
+class ProgressLines:
+    """A line on stderr every `every` seconds (rank 0, when stderr is no terminal for a bar): the step, the
+    speed, the time left, and the last row's values."""
+
+    def __init__(self, every: float, start_step: int, total: int):
+        self.every, self.total = every, total
+        self.start, self.start_step = time.monotonic(), start_step
+        self.due = self.start + every
+
+    def update(self, step: int, log: "ServerLog") -> None:
+        now = time.monotonic()
+        if now < self.due:
+            return
+        self.due = now + self.every
+        rate = (step - self.start_step) / max(now - self.start, 1e-9)
+        where = f"step {step}"
+        if self.total:
+            left = (self.total - step) / rate if rate > 0 else float("inf")
+            eta = "?" if left == float("inf") else f"{int(left) // 60}:{int(left) % 60:02d}"
+            where = f"step {step}/{self.total} ({100 * step / self.total:.0f}%), ETA {eta}"
+        row = log.last_row or {}
+        values = ", ".join(f"{key} {row[key]:.4g}" for key in ("loss", "grad_norm_sq") if key in row)
+        bits = log.bits_up + log.bits_down
+        print(f"cdmpi: {where}, {rate:.3g} steps/s" + (f", {values}" if values else "") + f", bits {bits:.4g}",
+              file=sys.stderr, flush=True)
+
+
 class FaultHooks:
     """Fault injection for the reliability tests, from environment variables; inert when unset.
     CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W at step T (after its gradient).
@@ -205,6 +232,7 @@ class Engine:
         self.ended = False
         self._hooks = FaultHooks()
         self._bar = None
+        self._progress: ProgressLines | None = None
         self._begun = False
         self._traffic = None
 
@@ -272,11 +300,14 @@ class Engine:
 
     def _begin(self) -> None:
         self._begun = True
-        if self.log is not None and self.progress_total is not None and sys.stderr.isatty():
-            from tqdm import tqdm
+        if self.log is not None and self.progress_total is not None:
+            if sys.stderr.isatty():
+                from tqdm import tqdm
 
-            self._bar = tqdm(total=self.progress_total or None, initial=self.step_count, unit="step",
-                             dynamic_ncols=True, leave=True)
+                self._bar = tqdm(total=self.progress_total or None, initial=self.step_count, unit="step",
+                                 dynamic_ncols=True, leave=True)
+            elif self.cfg.run.progress_every > 0:  # under mpiexec or srun, or into a file: lines
+                self._progress = ProgressLines(self.cfg.run.progress_every, self.step_count, self.progress_total)
         self.timer.start()
 
     # ---- the step ---------------------------------------------------------------------------------------
@@ -328,6 +359,8 @@ class Engine:
             self._traffic = self.transport.traffic()  # per step: the optimizer steps' bytes, not the end's
             if self._bar is not None:
                 self._bar.update(1)
+            elif self._progress is not None:
+                self._progress.update(self.step_count, self.log)
         if Flag.CHECKPOINT in decision and self.checkpoint_root is not None:
             path = checkpoint.save(self, self.step_count, self.checkpoint_root)
             self.last_checkpoint = path or self.last_checkpoint

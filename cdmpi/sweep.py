@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from . import algorithms, config
+from . import catalog, config
 from .errors import CdmpiError
 
 PARTIAL = ".partial"
@@ -50,9 +50,9 @@ def parse_algorithms(text: str) -> list[tuple[str, str | None]]:
     out = []
     for item in text.split(","):
         name, _, compressor = item.strip().partition(":")
-        if name not in algorithms.ALGORITHMS:
+        if name not in catalog.ALGORITHMS:
             raise CdmpiError(f"--algorithms: unknown algorithm {name!r}; choose from "
-                             f"{', '.join(algorithms.ALGORITHMS)}")
+                             f"{', '.join(catalog.ALGORITHMS)}")
         out.append((name, compressor or None))
     return out
 
@@ -84,7 +84,7 @@ def plan(config_paths, algorithm_specs, grids, out_dir, overrides=()) -> list[Ru
                     sets.append(f'compress.name="{compressor}"')
                 sets += [f"{key}={_value_text(value)}" for key, value in zip(keys, point)]
                 cfg = config.load(path, sets)
-                algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)  # a bad pair fails now
+                catalog.compressor_for(cfg.optim.algorithm, cfg.compress.name)  # a bad pair fails now
                 label = "_".join([Path(path).stem, name + (f"-{compressor}" if compressor else "")]
                                  + [f"{key.split('.')[-1]}={value}" for key, value in zip(keys, point)])
                 runs.append(Run(str(path), tuple(sets), cfg, Path(out_dir) / f"{label}.h5"))

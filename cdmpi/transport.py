@@ -44,18 +44,12 @@ import torch
 
 from .errors import CdmpiError
 
-# Environment variables that MPI launchers (MPICH/Hydra, Open MPI, Intel MPI, SLURM's srun) set.
-LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
 # comm.wait = auto sleeps only for vectors this long: a step then takes many milliseconds, so a wait that
 # ends up to 0.5 ms late costs little, while a core freed from spinning is worth a lot. Short vectors make
 # latency-bound steps, where sleeping costs more than it frees (mushrooms, 21 ranks on 2 cores: 30% slower).
 SLEEP_MIN_D = 1_000_000
-
-
-def launched_by_mpi() -> bool:
-    return any(name in os.environ for name in LAUNCHER_ENV)
 
 
 def _offsets(counts: list[int]) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,9 +27,39 @@ class Built:
     train_columns: tuple[str, ...] = ()  # metrics columns beyond the core ones
 
 
+# d-long vectors a local worker holds (x, its gradient, AMSGrad's three, its Markov states, frames and
+# scratch) and the server (its two Markov states and the aggregate), for the memory estimate.
+VECTORS_PER_WORKER, VECTORS_PER_SERVER = 12, 4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations on this machine (Linux), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(what: str, nbytes: int, available: int | None = None) -> None:
+    """A clear error before allocating, when a run would need more memory than this machine has."""
+    available = available_memory() if available is None else available
+    if available is not None and nbytes > 0.9 * available:
+        raise CdmpiError(f"{what} needs about {nbytes / 1e9:.3g} GB in this process, and this machine has "
+                         f"{available / 1e9:.3g} GB available; use fewer features (data.n_features), fewer "
+                         f"workers per process (mpiexec) or a machine with more memory")
+
+
 def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
     ds = data.load(cfg.data.dataset, n_features=cfg.data.n_features, samples=cfg.data.samples,
                    features=cfg.data.features, seed=cfg.run.seed)
+    d, element = ds.n_features, torch.finfo(dtype).bits // 8
+    rows = -(-ds.n_samples // n_workers)  # the largest shard, held dense
+    local = len(worker_indices)
+    check_memory(f"logreg with d = {d} and {local} worker(s) of up to {rows} rows here",
+                 local * (rows + VECTORS_PER_WORKER) * d * element + (VECTORS_PER_SERVER + 1) * d * 8)
     bounds = data.shard_bounds(ds.n_samples, n_workers)
     shards = {}
     for i in worker_indices:
