@@ -21,7 +21,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check bench
+.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check bench docs
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,10 @@ bench: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+
+# docs/configuration.md from the config dataclasses (tests/test_docs.py fails when it is stale).
+docs: install
+	$(PY) -m cdmpi.reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the nine benchmarks one after the other and rebuilds results/bench/README.md (about 10 minutes on
+# Runs the ten benchmarks one after the other and rebuilds results/bench/README.md (about 15 minutes on
 # 2 cores). Usage: bench/run_all.sh  (from anywhere; uses .venv unless PYTHON and MPIEXEC are set)
 #   BASELINE=DIR  also time benchmarks 6 and 8 on another cdmpi checkout (e.g. a worktree of an older commit)
 set -euo pipefail
@@ -19,4 +19,5 @@ fi
 "$PYTHON" bench/topology_scaling.py --workers 2 4 8 16 --dim 1000000 --steps 10
 "$PYTHON" bench/metrics_flush.py ${BASELINE:+--baseline "$BASELINE"}
 "$PYTHON" bench/watchdog_cost.py
+"$PYTHON" bench/startup.py
 "$PYTHON" bench/collect.py

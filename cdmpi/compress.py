@@ -94,7 +94,7 @@ class ScaledSign(Compressor):
 
     def _pack_compiled(self, k, frame, x, state=None) -> None:
         """_pack_all through the compiled kernels (of x - state if state is given): the signs and |x| of a
-        chunk in one loop, ||x||_1 of the chunk by torch's sum as before, the scale by the same float ops."""
+        chunk in one loop, ||x||_1 of the chunk by torch's own sum (as the torch path), the scale by the same float ops."""
         fr = wire.as_numpy(frame)
         x_np = wire.as_numpy(x)
         state_np = None if state is None else wire.as_numpy(state)

@@ -17,8 +17,8 @@ from .errors import CdmpiError
 
 @dataclass(frozen=True)
 class RunConfig:
-    steps: int = 1000  # iterations T
-    seed: int = 0
+    steps: int = 1000  # iterations T (not with run.epochs)
+    seed: int = 0  # seeds the initial point, the samplers, the synthetic data and random-k's keys
     dtype: str = "float64"  # compute dtype of x, m, v and the Markov states
     workers: int = 20  # n; under MPI the world size decides (world - 1)
     log_every: int = 1  # one HDF5 row every this many steps (and at step 0 and T)
@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ProblemConfig:
-    name: str = "logreg"  # logreg | quadratic (a cheap objective for benchmarks at large d)
+    name: str = "logreg"  # logreg | classifier (networks on images) | quadratic (a cheap objective for benchmarks at large d)
     reg: float = 0.1  # lambda of the nonconvex regulariser
     init_scale: float = 0.0  # x_1 = init_scale * N(0, I), seeded by run.seed
     model: str = "resnet18"  # classifier: resnet18 | vgg16 | wrn16_4 | small_cnn (cdmpi.nets.NETWORKS)
@@ -52,22 +52,22 @@ class ProblemConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    algorithm: str = "cdadam"
-    lr: float = 0.005
-    beta1: float = 0.9
-    beta2: float = 0.99
+    algorithm: str = "cdadam"  # cdadam / amsgrad / amsgrad-ef / amsgrad-naive / ef21 / onebit-adam (docs/algorithms.md)
+    lr: float = 0.005  # the step size alpha
+    beta1: float = 0.9  # first-moment decay, in [0, 1)
+    beta2: float = 0.99  # second-moment decay, in [0, 1)
     nu: float = 1e-8  # V = diag(v_hat + nu); onebit-adam adds it outside the square root, as DeepSpeed does
     warmup_steps: int = 100  # onebit-adam: uncompressed Adam steps before the variance is frozen
     weight_decay: float = 0.0  # classifier: wd * x is added to each worker's minibatch gradient (coupled L2)
     lr_milestones: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_gamma (needs run.epochs)
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # the factor at each milestone, in (0, 1]
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     name: str = "auto"  # scaled_sign | topk | randk | identity | auto (the algorithm's default compressor)
     ratio: float = 0.016  # topk/randk: k = max(1, round(ratio * d)) unless k > 0
-    k: int = 0
+    k: int = 0  # topk/randk: k itself (0: from ratio)
 
 
 @dataclass(frozen=True)

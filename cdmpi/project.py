@@ -50,7 +50,7 @@ def measured(path: str | Path) -> dict:
     run = metrics.read(path)
     timing = run.get("timing")
     if not timing:
-        raise CdmpiError(f"{path} has no timing/ group (written by cdmpi train since Step 6)")
+        raise CdmpiError(f"{path} has no timing/ group: it is not the metrics file of a whole run")
     train, attrs = run["train"], run["attrs"]
     steps = int(train["step"][-1])
     if steps <= 0:
