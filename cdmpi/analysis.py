@@ -16,7 +16,7 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
     and the bits (up + down) spent until then (None if never reached)."""
     run = metrics.read(path)
     attrs, train = run["attrs"], run["train"]
-    cfg = json.loads(attrs.get("config", "{}"))
+    cfg = attrs.get("config", {})
     if len(train["step"]) == 0:
         final_loss = final_g = min_g = float("nan")
         step = bits_up = bits_down = 0
@@ -33,7 +33,8 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
     test_accuracy = float(accuracy[-1]) if accuracy is not None and len(accuracy) else None
     row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
            "topology": attrs.get("topology", "star"),  # files from before the sharded topology are star
-           "dataset": cfg.get("data", {}).get("dataset"), "lr": cfg.get("optim", {}).get("lr"),
+           "dataset": cfg.get("data", {}).get("dataset"), "data_sha256": attrs.get("data_sha256"),
+           "lr": cfg.get("optim", {}).get("lr"),
            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
            "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "test_accuracy": test_accuracy, "bits_up": bits_up,
            "bits_down": bits_down, "bits_total": bits_up + bits_down}
@@ -59,6 +60,23 @@ def best(rows: list[dict]) -> list[dict]:
         if key not in groups or score < groups[key][0]:
             groups[key] = (score, row)
     return [row for _, row in groups.values()]
+
+
+def best_warnings(rows: list[dict]) -> list[str]:
+    """What makes best() compare unlike runs: within one (dataset, algorithm, compressor, topology) group,
+    runs of different lengths, worker counts or data files."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["algorithm"], row["compressor"], row.get("topology", "star")),
+                          []).append(row)
+    warnings = []
+    for (dataset, algorithm, compressor, _), group in groups.items():
+        for column, what in (("steps", "steps"), ("workers", "workers"), ("data_sha256", "data files (sha256)")):
+            values = sorted({str(row.get(column)) for row in group})
+            if len(values) > 1:
+                warnings.append(f"--best compares {algorithm} ({compressor}) runs on {dataset} that differ in "
+                                f"{what}: {', '.join(values)}")
+    return warnings
 
 
 def _nan_last(value: float) -> float:

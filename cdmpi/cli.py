@@ -13,7 +13,13 @@ from .signals import StopOnSigterm
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, and the epilog's lines kept as written."""
+    """Defaults shown where there is one to show (not None, not a switch's False), and the epilog's lines
+    kept as written."""
+
+    def _get_help_string(self, action) -> str:
+        if action.default in (None, False, []) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _train_parser(sub) -> None:
@@ -80,16 +86,17 @@ def _watch_parser(sub) -> None:
                        description="A progress bar and the latest row of RUN.h5 while a run writes it (read as an "
                                    "HDF5 SWMR reader: the run is never disturbed). Ends when the run does: exit 0 "
                                    "if it finished, 1 if it stopped or failed first.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Formatter)
     p.add_argument("file", help="the metrics file a run writes (its --out)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the file to appear")
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="summarise metrics files, one row per run",
-                       description="Print algorithm, compressor, workers, steps, final loss, final and "
-                                   "minimum grad_norm_sq and total bits of each run.")
+    p = sub.add_parser("report", help="summarise metrics files, one row per run", formatter_class=_Formatter,
+                       description="One row per run: algorithm, compressor, topology, workers, steps, final "
+                                   "loss, final and minimum grad_norm_sq, the last test accuracy and the total "
+                                   "bits (up + down).")
     p.add_argument("files", nargs="+", help="HDF5 metrics files written by `cdmpi train` or `cdmpi sweep`, "
                                             "or folders of them")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -105,9 +112,9 @@ def _sweep_parser(sub) -> None:
     p = sub.add_parser(
         "sweep", help="run every combination of configs, algorithms and grid values",
         description="One HDF5 file per run in --out-dir, named CONFIG_ALGORITHM_KEY=VALUE.h5. A run writes "
-                    "NAME.h5.partial and renames it when done, so an interrupted sweep resumes where it "
+                    ".partial/NAME.h5 and moves it up when done, so an interrupted sweep resumes where it "
                     "stopped; a finished file from a different config is an error.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="TOML config files")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=SPEC",
                    help="a swept key: start:stop:step (stop excluded), e.g. optim.lr=0.001:0.011:0.002, or "
@@ -131,7 +138,7 @@ def _plot_parser(sub) -> None:
         "plot", help="draw log-scale curves from metrics files",
         description="One column per dataset, one row per --x axis, one curve per run (or per algorithm "
                     "with --best); y on a log scale, bits on a log scale too. Needs matplotlib.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="metrics files or folders of them")
     p.add_argument("--x", nargs="+", default=["bits", "step"], choices=("bits", "step"),
                    help="x axes, one row of panels each: bits (up + down) or step")
@@ -149,7 +156,7 @@ def _project_parser(sub) -> None:
                     "plus latency and the bytes per step through rank 0's link (star topology), and for "
                     "comparison an fp32 ring Allreduce of the same d with the same compute. The model is "
                     "in cdmpi/project.py and the README.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="HDF5 metrics files")
     p.add_argument("--bandwidth", default="1,10,100", help="link bandwidths in Gbit/s, comma-separated")
     p.add_argument("--latency", type=float, default=5e-6, help="one-way latency per message in seconds")
@@ -311,6 +318,8 @@ def cmd_report(args) -> int:
     rows = [analysis.summarize(path, target) for path in analysis.expand(args.files)]
     columns = analysis.COLUMNS
     if args.best:
+        for warning in analysis.best_warnings(rows):
+            print(f"cdmpi: warning: {warning}", file=sys.stderr)
         rows, columns = analysis.best(rows), analysis.BEST_COLUMNS
     if target is not None:
         columns = columns + analysis.TARGET_COLUMNS
@@ -365,7 +374,7 @@ def cmd_plot(args) -> int:
     from . import analysis, plot
 
     out = plot.figure(analysis.expand(args.files), xs=args.x, y=args.y, out=args.out, best_only=args.best,
-                      title=args.title)
+                      title=args.title, warn=lambda text: print(f"cdmpi: warning: {text}", file=sys.stderr))
     print(f"cdmpi: wrote {out}")
     return 0
 

@@ -112,6 +112,35 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def applicable(self) -> dict:
+        """to_dict() without the keys that do not apply to this run (a logreg run has no problem.model, a
+        run of scaled sign no compress.ratio): what a metrics file records."""
+        values = self.to_dict()
+        problem, dataset = self.problem.name, self.data.dataset
+        drop = {"problem": {"logreg": {"model", "dim"}, "classifier": {"reg", "init_scale", "dim"},
+                            "quadratic": {"reg", "init_scale", "model"}}.get(problem, {"reg", "init_scale", "model", "dim"}),
+                "data": set(),
+                "run": set() if problem == "classifier" else {"epochs"}}
+        if problem == "logreg":
+            drop["data"] = {"augment", "image_size", "test_samples"} | (set() if dataset == "synthetic" else
+                                                                        {"samples", "features"})
+        elif problem == "classifier":
+            drop["data"] = {"n_features", "features"} | (set() if dataset == "synthetic_images" else
+                                                         {"samples", "image_size", "test_samples"})
+        else:  # quadratic and your own model: no data
+            drop["data"] = set(values["data"])
+        if problem not in ("classifier", "own_model"):
+            drop["optim"] = {"weight_decay", "lr_milestones", "lr_gamma"}
+        elif problem == "own_model":
+            drop["optim"] = {"lr_milestones", "lr_gamma"}
+            drop["run"] |= {"steps", "log_every", "epochs"}
+        if self.optim.algorithm != "onebit-adam":
+            drop.setdefault("optim", set()).add("warmup_steps")
+        if catalog.compressor_for(self.optim.algorithm, self.compress.name) not in ("topk", "randk"):
+            drop["compress"] = {"ratio", "k"}
+        return {section: {k: v for k, v in table.items() if k not in drop.get(section, set())}
+                for section, table in values.items() if table and set(table) - drop.get(section, set())}
+
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -243,6 +245,7 @@ class Engine:
         It is made with every column and end-of-run array the run knows of (see cdmpi.metrics)."""
         if self.log is None:
             return
+        self.attrs.update(provenance())
         n, world = self.transport.n_workers, self.transport.world_size
         finals = {"final/steps": ((1,), np.int64)}
         if self.d * n <= FINAL_PARAMS_MAX_ELEMENTS:
@@ -261,11 +264,12 @@ class Engine:
         and the agreement on how ranks wait in collectives (comm.wait)."""
         transport = self.transport
         device = self.exchange.frame_device
-        votes = transport.allgather((f"{device} {transport.path}", transport.wants_sleep(self.cfg.comm.wait, self.d)))
-        paths = [path for path, _ in votes]
-        sleep = transport.agree_wait([vote for _, vote in votes])
+        votes = transport.allgather((f"{device} {transport.path}", transport.wants_sleep(self.cfg.comm.wait, self.d),
+                                     socket.gethostname()))
+        paths = [path for path, _, _ in votes]
+        sleep = transport.agree_wait([vote for _, vote, _ in votes])
         self.attrs.update(comm_paths=json.dumps(paths), comm_path=", ".join(sorted(set(p.split(" ", 1)[1] for p in paths))),
-                          comm_wait="sleep" if sleep else "spin")
+                          comm_wait="sleep" if sleep else "spin", hosts=json.dumps([host for _, _, host in votes]))
 
     def resume(self, spec: str, root: Path, warn=None) -> dict | None:
         """Collective: restore every role's state from a checkpoint (see checkpoint.restore); returns its
@@ -490,6 +494,28 @@ class Engine:
             self.log.writer.write_array("final/params", gathered[0].numpy())
 
 
+def provenance() -> dict:
+    """Where a run's numbers come from: the versions it ran with and the git commit of cdmpi's checkout."""
+    import platform
+
+    import h5py
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "h5py": h5py.__version__}
+    mpi4py = sys.modules.get("mpi4py")
+    if mpi4py is not None:
+        versions["mpi4py"] = mpi4py.__version__
+    out = {"versions": json.dumps(versions)}
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        if commit.returncode == 0 and commit.stdout.strip():
+            out["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout, or no git: the versions say what they can
+    return out
+
+
 def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[int, torch.Tensor],
           driver_states: dict[int, Stateful], worker_device: torch.device, reduce: Callable[[list[dict]], dict],
           description: str) -> Engine:
@@ -512,7 +538,8 @@ def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[in
     workers = [LocalWorker(i, params[i], algorithm.worker(setting, i, worker_device), driver_states[i])
                for i in transport.worker_indices]
     up, down = setting.up, setting.down
-    attrs = {"config": cfg.to_json(), "algorithm": cfg.optim.algorithm, "topology": cfg.comm.topology,
+    attrs = {"config": json.dumps(cfg.applicable(), sort_keys=True), "algorithm": cfg.optim.algorithm,
+             "topology": cfg.comm.topology,
              "compressor": compressor, "n_workers": n, "dim": d, "world_size": transport.world_size,
              "backend": transport.name, "mpi_library": transport.mpi_library, "cdmpi_version": __version__,
              "problem": description, "up_frame_nbytes": up.frame_nbytes, "down_frame_nbytes": down.frame_nbytes}

@@ -29,6 +29,7 @@ rows read NaN there.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 from pathlib import Path
@@ -266,9 +267,22 @@ def sum_of_shares(values: list[dict]) -> dict:
 REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}
 
 
+# Attributes stored as JSON text (HDF5 attributes hold no nested values); read() returns them decoded.
+JSON_ATTRS = ("config", "versions", "hosts", "comm_paths")
+
+
+def _attr(name: str, value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if name in JSON_ATTRS and isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
 def read(path: str | Path, retry_seconds: float = 5.0) -> dict:
     """{'attrs': {...}, 'train': {column: ndarray}, ...} of one metrics file, finished or being written
-    (opened as an SWMR reader). An open that fails while the writer adds a column is retried."""
+    (opened as an SWMR reader). An open that fails while the writer adds a column is retried. The attributes
+    in JSON_ATTRS come back decoded: attrs['config'] is the run's config as a dict."""
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
@@ -276,7 +290,7 @@ def read(path: str | Path, retry_seconds: float = 5.0) -> dict:
     while True:
         try:
             with h5py.File(path, "r", swmr=True, locking=False) as fh:
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}
+                attrs = {k: _attr(k, v) for k, v in fh.attrs.items()}
                 groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
                           if isinstance(fh[g], h5py.Group)}
             break

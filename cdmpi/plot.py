@@ -1,10 +1,12 @@
 """Figures from metrics files: one column per dataset, one row per x axis (the paper's Figure 2 layout).
 
-matplotlib is imported only here, lazily, with the Agg backend (no display needed).
+Each method has its own colour and each step size its own line style, so that twenty curves stay apart;
+every label names its lr. matplotlib is imported only here, lazily, with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from . import analysis, metrics
 from .errors import CdmpiError
 
 X_AXES = {"bits": "bits communicated (up + down, all workers)", "step": "iteration"}
+LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 3))]
 
 
 def _x(train: dict, axis: str) -> np.ndarray:
@@ -20,7 +23,7 @@ def _x(train: dict, axis: str) -> np.ndarray:
 
 
 def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, best_only=False,
-           title: str | None = None) -> Path:
+           title: str | None = None, warn=None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,53 +34,82 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
             raise CdmpiError(f"--x must be one of {', '.join(X_AXES)}, got {axis!r}")
     rows = [analysis.summarize(path) for path in files]
     if best_only:
+        for warning in analysis.best_warnings(rows) if warn else ():
+            warn(warning)
         rows = analysis.best(rows)
     if not rows:
         raise CdmpiError("nothing to plot")
     datasets = list(dict.fromkeys(str(r["dataset"]) for r in rows))
-    labels = list(dict.fromkeys(_label(r, best_only) for r in rows))
-    colors = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    methods = list(dict.fromkeys(_method(r) for r in rows))
+    lrs = sorted({r["lr"] for r in rows if r["lr"] is not None})
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
+    # With the best step size only, one method's lr differs between datasets: there, a style per method.
+    styles = ({method: LINESTYLES[i % len(LINESTYLES)] for i, method in enumerate(methods)} if best_only else
+              {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)})
     fig, axes = plt.subplots(len(xs), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(xs)),
                              squeeze=False)
-    for row in rows:
+    for row in sorted(rows, key=lambda r: (methods.index(_method(r)), r["lr"] or 0.0)):
         train = metrics.read(row["file"])["train"]
         if y not in train:
             raise CdmpiError(f"{row['file']} has no column {y!r}; it has {', '.join(sorted(train))}")
         column = datasets.index(str(row["dataset"]))
+        style = styles[_method(row)] if best_only else styles.get(row["lr"], "-")
         for r, axis in enumerate(xs):
             x, values = _x(train, axis), train[y]
             keep = (values > 0) & ((x > 0) if axis == "bits" else True)
-            label = _label(row, best_only)
-            axes[r][column].plot(x[keep], values[keep], color=colors[label], label=label, linewidth=1.3)
+            axes[r][column].plot(x[keep], values[keep], color=colors[_method(row)], linestyle=style,
+                                 label=f"{_method(row)} lr={row['lr']:g}", linewidth=1.3)
     for r, axis in enumerate(xs):
         for c, dataset in enumerate(datasets):
             ax = axes[r][c]
-            ax.set_yscale("log")
+            _log_axis(ax, "y")
             if axis == "bits":
-                ax.set_xscale("log")
+                _log_axis(ax, "x")
             ax.set_xlabel(X_AXES[axis])
             ax.set_ylabel(y)
             ax.set_title(dataset)
             ax.grid(True, which="major", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    for ax in axes.flat:  # collect every label once, whichever panel drew it
-        for h, n in zip(*ax.get_legend_handles_labels()):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), frameon=False)
+    if best_only:  # each dataset its own best step sizes: a legend under each column
+        for c in range(len(datasets)):
+            ax = axes[-1][c]
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, fontsize=8, frameon=False)
+    else:  # one legend right of the figure: every run's method and lr
+        handles, names = [], []
+        for ax in axes.flat:
+            for handle, name in zip(*ax.get_legend_handles_labels()):
+                if name not in names:
+                    handles.append(handle)
+                    names.append(name)
+        fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+                   ncol=1 if len(names) <= 12 * len(xs) else 2)
     if title:
         fig.suptitle(title)
-    rows_of_legend = (len(names) + 3) // 4
-    fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 0.96 if title else 1))
+    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # tight: the legends outside the axes are kept whole
     plt.close(fig)
     return out
 
 
-def _label(row: dict, best_only: bool) -> str:
-    sharded = ", sharded" if row.get("topology", "star") == "sharded" else ""  # star labels stay as they were
-    text = f"{row['algorithm']} ({row['compressor']}{sharded})"
-    return text + ("" if best_only else f" lr={row['lr']:g}")
+def _log_axis(ax, which: str) -> None:
+    """A log axis labelled at whole decades only, spanning at least one decade, so that matplotlib never
+    falls back to labelling minor ticks (6.92x10^-1)."""
+    import matplotlib.ticker as ticker
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    low, high = getattr(ax, f"get_{which}lim")()
+    if low > 0 and high > 0 and math.log10(high) - math.log10(low) < 1.0:
+        middle = math.sqrt(low * high)
+        getattr(ax, f"set_{which}lim")(middle / 10 ** 0.5, middle * 10 ** 0.5)
+    axis.set_major_locator(ticker.LogLocator(base=10, numticks=8))
+    axis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=True))
+    axis.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10), numticks=12))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _method(row: dict) -> str:
+    sharded = ", sharded" if row.get("topology", "star") == "sharded" else ""
+    return f"{row['algorithm']} ({row['compressor']}{sharded})"

@@ -1,6 +1,6 @@
 """Sweeps: every combination of configs x algorithms x grid values, one HDF5 file per run.
 
-A run is finished when its file exists: it is written as NAME.h5.partial and renamed when the run ends,
+A run is finished when its file exists: it is written as .partial/NAME.h5 and moved up when the run ends,
 so an interrupted sweep restarts where it stopped. A finished file whose stored config differs from the
 planned one is an error (a changed sweep must not silently mix old and new runs).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from . import catalog, config
 from .errors import CdmpiError
 
-PARTIAL = ".partial"
+PARTIAL = ".partial"  # the folder, inside --out-dir, of runs not yet finished
 
 
 def parse_grid(text: str) -> tuple[str, list]:
@@ -66,7 +66,9 @@ class Run:
 
     @property
     def partial(self) -> Path:
-        return self.out.with_name(self.out.name + PARTIAL)
+        """Where the run is written until it ends: a hidden folder beside run.out, so that `report DIR` and
+        `plot DIR` see finished runs only, and the name keeps its .h5."""
+        return self.out.parent / PARTIAL / self.out.name
 
 
 def _value_text(value) -> str:
@@ -100,11 +102,24 @@ def is_finished(run: Run, workers: int) -> bool:
         return False
     from . import metrics
 
-    stored = json.loads(metrics.read(run.out)["attrs"]["config"])
-    planned = config.replace(run.cfg, "run", workers=workers).to_dict()
-    if stored != planned:
-        raise CdmpiError(f"{run.out} exists from a different config; remove it or choose another --out-dir")
+    stored = _flat(metrics.read(run.out)["attrs"]["config"])
+    planned = _flat(config.replace(run.cfg, "run", workers=workers).applicable())
+    differ = sorted(key for key in stored.keys() | planned.keys() if stored.get(key) != planned.get(key))
+    if differ:
+        shown = "; ".join(f"{key} = {stored.get(key, '(unset)')!r} there, {planned.get(key, '(unset)')!r} planned"
+                          for key in differ[:3])
+        raise CdmpiError(f"{run.out} exists from a different config ({shown}); remove it or choose another "
+                         f"--out-dir")
     return True
+
+
+# Keys that do not change a run's numbers: a finished run stays finished when only these differ.
+COSMETIC_KEYS = ("run.threads", "run.flush_every", "run.progress_every", "comm.wait", "comm.timeout")
+
+
+def _flat(values: dict) -> dict:
+    return {f"{section}.{key}": value for section, table in values.items() if section != "checkpoint"
+            for key, value in table.items() if f"{section}.{key}" not in COSMETIC_KEYS}
 
 
 def run_local(run: Run, workers: int) -> str:
@@ -115,6 +130,7 @@ def run_local(run: Run, workers: int) -> str:
     if run.out.exists():  # finished meanwhile by another sweep over the same folder
         return f"{run.out.name}: already finished"
     cfg = config.replace(run.cfg, "run", workers=workers)
+    run.partial.parent.mkdir(parents=True, exist_ok=True)
     row = train.build(cfg, LocalTransport(workers), out=run.partial, overwrite=True).run()
     os.replace(run.partial, run.out)
     return f"{run.out.name}: grad_norm_sq {row['grad_norm_sq']:.4e}"
@@ -125,6 +141,7 @@ def run_mpi(run: Run, workers: int, mpiexec: str) -> str:
            "--out", str(run.partial), "--overwrite", "--quiet"]
     for text in run.overrides:
         cmd += ["--set", text]
+    run.partial.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         raise CdmpiError(f"{run.out.name}: mpiexec failed ({result.returncode}): "

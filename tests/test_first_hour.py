@@ -4,11 +4,14 @@ progress that shows under mpiexec, a watcher, and the surprises a first user met
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
 
+import h5py
 import pytest
+import torch
 
 from cdmpi import catalog, compress, metrics
 
@@ -32,6 +35,17 @@ def test_the_demo_dataset_ships_with_cdmpi(tmp_path):
     run = metrics.read(out)
     assert run["attrs"]["data_sha256"] == "f39a4eb628dc61a7d43760815b061c9e497aa728ce1ad8bde57a09ef6043b538"
     assert (tmp_path / "cache" / "libsvm" / "mushrooms").is_file()  # unpacked once, checked
+    attrs = run["attrs"]
+    assert attrs["data_path"].endswith("mushrooms")
+    # Provenance, and a config that lists only what applies to a logreg run of scaled sign.
+    assert attrs["config"]["problem"] == {"name": "logreg", "reg": 0.1, "init_scale": 0.0}
+    assert "ratio" not in attrs["config"]["compress"] and "epochs" not in attrs["config"]["run"]
+    assert attrs["config"]["optim"]["lr"] == 0.005 and attrs["config"]["run"]["steps"] == 5
+    assert attrs["versions"]["torch"] == torch.__version__ and attrs["versions"]["h5py"] == h5py.__version__
+    assert attrs["hosts"] and all(host == socket.gethostname() for host in attrs["hosts"])
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        assert head.stdout.strip() in attrs["git_commit"]
 
 
 def test_a_missing_dataset_is_named_with_where_it_was_looked_for_and_what_to_do(tmp_path):

@@ -56,7 +56,7 @@ def test_train_writes_documented_attributes_and_report(tmp_path, small_config):
     for key in ("config", "algorithm", "compressor", "n_workers", "dim", "world_size", "backend",
                 "mpi_library", "cdmpi_version", "created"):
         assert key in run["attrs"], key
-    assert json.loads(run["attrs"]["config"])["optim"]["lr"] == 0.01
+    assert run["attrs"]["config"]["optim"]["lr"] == 0.01
     lengths = {len(v) for v in run["train"].values()}
     assert lengths == {31}
     assert np.all(np.diff(run["train"]["wall_time"]) >= 0)

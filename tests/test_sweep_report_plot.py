@@ -35,15 +35,18 @@ def test_sweep_resumes_and_refuses_a_changed_config(tmp_path, small_config):
     files = sorted(p.name for p in out.glob("*.h5"))
     assert files == ["small_amsgrad-identity_lr=0.004.h5", "small_amsgrad-identity_lr=0.012.h5",
                      "small_cdadam_lr=0.004.h5", "small_cdadam_lr=0.012.h5"]
-    # An interrupted run leaves only a .partial file: the restart runs just that one.
+    # An interrupted run leaves only its file in .partial/, which report DIR does not see: the restart runs
+    # just that one.
     victim = out / "small_cdadam_lr=0.012.h5"
     before = h5py.File(victim, "r")["train"]["grad_norm_sq"][()]
-    victim.rename(victim.with_name(victim.name + ".partial"))
+    victim.rename(out / ".partial" / victim.name)
+    r = run_cdmpi(["report", out])
+    assert r.returncode == 0 and "cdadam_lr=0.012" not in r.stdout and "cdadam_lr=0.004" in r.stdout, r.stderr
     r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out])
     assert r.returncode == 0, r.stderr
     assert "4 runs, 3 already finished, 1 to run" in r.stdout
     np.testing.assert_array_equal(h5py.File(victim, "r")["train"]["grad_norm_sq"][()], before)
-    assert not list(out.glob("*.partial"))
+    assert not list((out / ".partial").iterdir())
     r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out, "--set", "run.steps=16"])
     assert r.returncode == 2 and "exists from a different config" in r.stderr
 
@@ -101,6 +104,55 @@ def test_plot_writes_a_png(tmp_path, finished_sweep):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     r = run_cdmpi(["plot", out, "--y", "nope", "--out", png])
     assert r.returncode == 2 and "no column 'nope'" in r.stderr
+
+
+def test_best_warns_when_the_runs_it_compares_differ(tmp_path, finished_sweep):
+    for path in finished_sweep.glob("*.h5"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    r = run_cdmpi(["report", tmp_path, "--best"])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    longer = tmp_path / "longer.h5"  # a cdadam run on the same data, 20 steps where the sweep ran 15
+    r = run_cdmpi(["train", finished_sweep.parent / "small.toml", "--backend", "local", "--workers", 2,
+                   "--set", "run.steps=20", "--set", "optim.lr=0.02", "--out", longer, "--quiet"])
+    assert r.returncode == 0, r.stderr
+    for command in (["report", tmp_path, "--best"], ["plot", tmp_path, "--best", "--out", tmp_path / "f.png"]):
+        r = run_cdmpi(command)
+        assert r.returncode == 0, r.stderr
+        warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+        assert warnings == ["cdmpi: warning: --best compares cdadam (scaled_sign) runs on synthetic that differ "
+                            "in steps: 15, 20"], r.stderr
+
+
+def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cdmpi import analysis, plot
+
+    captured = {}
+    savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # look at the figure plot.figure made, then save it as it would
+        captured["fig"] = fig
+        return savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plot.figure(analysis.expand([finished_sweep]), xs=("step",), out=tmp_path / "all.png")
+    finally:
+        plt.Figure.savefig = savefig
+    lines = captured["fig"].axes[0].get_lines()
+    labels = sorted(line.get_label() for line in lines)
+    assert labels == sorted(f"{name} lr={lr:g}" for name in ("amsgrad (identity)", "cdadam (scaled_sign)")
+                            for lr in (0.004, 0.012))
+    looks = {(line.get_color(), str(line.get_linestyle())) for line in lines}
+    assert len(looks) == len(lines)  # no two curves drawn alike
+    ax = captured["fig"].axes[0]
+    low, high = ax.get_ylim()
+    assert np.log10(high / low) >= 1  # at least a decade: only decades are labelled
+    assert all(label.get_text() == "" for label in ax.yaxis.get_minorticklabels())
 
 
 def test_sweep_under_mpi_matches_in_process(tmp_path, small_config):

@@ -21,7 +21,7 @@ def main(runs_dir: str, out_dir: str) -> None:
     for path in files:
         r = metrics.read(path)
         ev, attrs = r["eval"], r["attrs"]
-        optim = json.loads(attrs["config"])["optim"]
+        optim = attrs["config"]["optim"]
         sharded = ", sharded" if attrs.get("topology") == "sharded" else ""
         label = f"{attrs['algorithm']} ({attrs['compressor']}{sharded}, lr {optim['lr']:g}, nu {optim['nu']:g})"
         bits = ev["bits_up"] + ev["bits_down"]
