@@ -27,8 +27,6 @@ SIZES = (1_000, 100_000)
 def load_writer(root: Path):
     """The MetricsWriter class of the cdmpi checkout at root (its own metrics module, imported apart)."""
     name = f"metrics_{abs(hash(str(root)))}"
-    spec = importlib.util.spec_from_file_location(name, root / "cdmpi" / "metrics.py",
-                                                  submodule_search_locations=[])
     package = importlib.util.spec_from_file_location(f"{name}_pkg", root / "cdmpi" / "__init__.py",
                                                      submodule_search_locations=[str(root / "cdmpi")])
     pkg = importlib.util.module_from_spec(package)

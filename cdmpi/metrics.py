@@ -81,7 +81,7 @@ class MetricsWriter:
             if not self.path.is_file():
                 raise CdmpiError(f"cannot resume: metrics file {self.path} not found (the checkpoint's rows "
                                  f"continue it); pass the --out of the interrupted run")
-            source = read(self.path)
+            source = read(self.path, decode=False)  # the attributes as stored, to store again
         elif self.path.exists() and not overwrite:
             raise CdmpiError(f"metrics file {self.path} exists; pass --overwrite or choose another --out")
         try:
@@ -271,18 +271,18 @@ REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}
 JSON_ATTRS = ("config", "versions", "hosts", "comm_paths")
 
 
-def _attr(name: str, value):
+def _attr(name: str, value, decode: bool):
     if isinstance(value, bytes):
         value = value.decode()
-    if name in JSON_ATTRS and isinstance(value, str):
+    if decode and name in JSON_ATTRS and isinstance(value, str):
         return json.loads(value)
     return value
 
 
-def read(path: str | Path, retry_seconds: float = 5.0) -> dict:
+def read(path: str | Path, retry_seconds: float = 5.0, decode: bool = True) -> dict:
     """{'attrs': {...}, 'train': {column: ndarray}, ...} of one metrics file, finished or being written
     (opened as an SWMR reader). An open that fails while the writer adds a column is retried. The attributes
-    in JSON_ATTRS come back decoded: attrs['config'] is the run's config as a dict."""
+    in JSON_ATTRS come back decoded (unless decode=False): attrs['config'] is the run's config as a dict."""
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
@@ -290,7 +290,7 @@ def read(path: str | Path, retry_seconds: float = 5.0) -> dict:
     while True:
         try:
             with h5py.File(path, "r", swmr=True, locking=False) as fh:
-                attrs = {k: _attr(k, v) for k, v in fh.attrs.items()}
+                attrs = {k: _attr(k, v, decode) for k, v in fh.attrs.items()}
                 groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
                           if isinstance(fh[g], h5py.Group)}
             break

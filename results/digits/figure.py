@@ -1,6 +1,5 @@
 """Figure and table of the digits comparison from its metrics files (run by results/digits/reproduce.sh)."""
 
-import json
 import sys
 from pathlib import Path
 
