@@ -21,7 +21,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test clean reproduce-logreg reproduce-digits gpu-check bench docs
+.PHONY: install demo test test-fast clean reproduce-logreg reproduce-digits gpu-check bench docs
 
 install: $(VENV)/.installed
 
@@ -58,8 +58,14 @@ gpu-check: install
 bench: install
 	PYTHON=$(PY) MPIEXEC=$(BIN)/mpiexec bench/run_all.sh
 
+# Every test; SLURM's where a cluster is up (CDMPI_SLURM_TESTS=1, see .ci/run). On a slow or crowded
+# machine, CDMPI_TEST_TIMEOUT_SCALE=3 gives every hang detector three times as long.
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+
+# The pure-math and in-process tests: no mpiexec, no sbatch, nothing marked slow.
+test-fast: install
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs -m "not mpi and not slurm and not slow" $(PYTEST_ARGS) tests
 
 # docs/configuration.md from the config dataclasses (tests/test_docs.py fails when it is stale).
 docs: install

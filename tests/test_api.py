@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,24 +19,13 @@ import torch
 import cdmpi
 from cdmpi import metrics
 
-from conftest import REPO, finish, mpiexec_path, rank_pid, run_cdmpi, start_mpi, subprocess_env, wait_for
+from conftest import REPO, finish, mpiexec_path, rank_pid, run_main, run_python, start_mpi, wait_for
 
 OWN_MODEL = REPO / "examples" / "own_model.py"
 WORKERS = 3
 EPOCHS = 3  # 3 workers: 1,438 training images, 14 steps of 32 per epoch
 STEPS = 42
 EXIT_STOPPED = 75
-
-
-def run_script(args, *, ranks=None, timeout=180, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, *map(str, args)]
-    if ranks is not None:
-        cmd = [mpiexec_path(), "-n", str(ranks), *cmd]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=env or subprocess_env())
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"timed out after {timeout}s: {cmd}\nstderr: {err.stderr}")
 
 
 def assert_same_run(path, reference) -> None:
@@ -55,7 +43,7 @@ def assert_same_run(path, reference) -> None:
 def reference(tmp_path_factory):
     """examples/own_model.py uninterrupted, its workers in one process."""
     out = tmp_path_factory.mktemp("reference") / "ref.h5"
-    r = run_script([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--workers", WORKERS])
+    r = run_python([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--workers", WORKERS])
     assert r.returncode == 0, r.stderr
     run = metrics.read(out)
     assert run["train"]["step"].tolist() == list(range(STEPS))  # the script logs each step's loss
@@ -64,9 +52,10 @@ def reference(tmp_path_factory):
     return run
 
 
+@pytest.mark.mpi
 def test_own_model_under_mpiexec_is_the_in_process_run_and_reports_accuracy(tmp_path, reference):
     out = tmp_path / "A.h5"
-    r = run_script([OWN_MODEL, "--out", out, "--epochs", EPOCHS], ranks=WORKERS + 1)
+    r = run_python([OWN_MODEL, "--out", out, "--epochs", EPOCHS], ranks=WORKERS + 1)
     assert r.returncode == 0, r.stderr
     assert f"finished {STEPS} steps" in r.stderr
     run = metrics.read(out)
@@ -74,61 +63,63 @@ def test_own_model_under_mpiexec_is_the_in_process_run_and_reports_accuracy(tmp_
     assert_same_run(out, reference)
     lr = run["train"]["lr"]  # MultiStepLR drops the rate 10x after 2 of the 3 epochs
     assert set(lr[:28]) == {3e-3} and np.allclose(lr[28:], 3e-4)
-    report = run_cdmpi(["report", out])
+    report = run_main(["report", out])
     assert report.returncode == 0, report.stderr
     header, row = report.stdout.splitlines()
     assert "test_accuracy" in header.split()
     assert f"{run['eval']['accuracy'][-1]:.4f}" in row.split()
-    plot = run_cdmpi(["plot", out, "--x", "bits", "--y", "loss", "--out", tmp_path / "loss.png"])
+    plot = run_main(["plot", out, "--x", "bits", "--y", "loss", "--out", tmp_path / "loss.png"])
     assert plot.returncode == 0, plot.stderr
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.mpi
 def test_sigterm_on_every_rank_ends_in_a_checkpoint_and_resumes_bit_exactly(tmp_path, reference):
     out = tmp_path / "run.h5"
     job = start_mpi([OWN_MODEL, "--out", out, "--epochs", EPOCHS], WORKERS + 1, CDMPI_TEST_STEP_SLEEP=0.1)
     wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size >= 5, job)
     for rank in range(WORKERS + 1):
         os.kill(rank_pid(job, rank), signal.SIGTERM)
-    rc, err = finish(job, timeout=60)
+    rc, err = finish(job, timeout=120)
     assert rc == EXIT_STOPPED, err
     step = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint \S+step-0+\1;", err).group(1))
     assert 5 <= step < STEPS
     assert (out.with_suffix(".ckpt") / f"step-{step:09d}").is_dir()
-    r = run_script([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--resume", "auto"], ranks=WORKERS + 1)
+    r = run_python([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--resume", "auto"], ranks=WORKERS + 1)
     assert r.returncode == 0, r.stderr
     assert f"resuming from checkpoint step {step}" in r.stderr
     assert_same_run(out, reference)
     assert list(metrics.read(out)["attrs"]["resumed_at_steps"]) == [step]
 
 
+@pytest.mark.mpi
 def test_killed_worker_ends_the_job_and_the_last_checkpoint_resumes_bit_exactly(tmp_path, reference):
     out = tmp_path / "run.h5"
     ckpt = out.with_suffix(".ckpt")
     job = start_mpi([OWN_MODEL, "--out", out, "--epochs", EPOCHS], WORKERS + 1, CDMPI_TEST_STEP_SLEEP=0.1)
     wait_for(lambda: (ckpt / "step-000000020").is_dir(), job)  # the script checkpoints every 20 steps
     os.kill(rank_pid(job, 2), signal.SIGKILL)
-    rc, _ = finish(job, timeout=60)  # the others must not hang
+    rc, _ = finish(job, timeout=120)  # the others must not hang
     assert rc != 0
-    r = run_script([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--resume", "auto"], ranks=WORKERS + 1)
+    r = run_python([OWN_MODEL, "--out", out, "--epochs", EPOCHS, "--resume", "auto"], ranks=WORKERS + 1)
     assert r.returncode == 0, r.stderr
     assert re.search(r"resuming from checkpoint step (20|40)", r.stderr), r.stderr
     assert_same_run(out, reference)
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("topology", ["star", "sharded"])
 def test_custom_model_example_in_process_and_under_mpiexec(tmp_path, topology):
     """The short example runs as typed, with and without a launcher; both workers end with the same
     parameters, which the in-process run reproduces exactly."""
     sharded = ["--sharded"] if topology == "sharded" else []
     example = REPO / "examples" / "custom_model.py"
-    local = run_script([example, *sharded])
+    local = run_python([example, *sharded])
     assert local.returncode == 0, local.stderr
     hydra = "HYDRA" in subprocess.run([mpiexec_path(), "--version"], capture_output=True, text=True).stdout
     # Ranks writing to one pipe can splice lines: with MPICH's Hydra, one output file per rank.
-    per_rank = ["-outfile-pattern", str(tmp_path / "out.%r.txt")] if hydra else []
-    cmd = [mpiexec_path(), *per_rank, "-n", "3", sys.executable, str(example), *sharded]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=subprocess_env(), cwd=tmp_path)
+    per_rank = ["-outfile-pattern", tmp_path / "out.%r.txt"] if hydra else []
+    r = run_python([example, *sharded], ranks=3, mpiexec_args=per_rank, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     stdout = "".join(p.read_text() for p in sorted(tmp_path.glob("out.*.txt"))) if hydra else r.stdout
     found = re.findall(r"worker (\d) step (\d+) loss (\S+) params (\S+)", stdout)
@@ -277,19 +268,21 @@ cdmpi.launch(loop, out=sys.argv[2])
 """
 
 
+@pytest.mark.mpi
 def test_under_mpiexec_bad_options_exit_2_on_every_rank_with_one_line(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(LOOP_SCRIPT)
-    r = run_script([script, "-1", tmp_path / "run.h5"], ranks=3, timeout=120)
+    r = run_python([script, "-1", tmp_path / "run.h5"], ranks=3, timeout=120)
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert errors == ["cdmpi: error: optimizer: lr must be > 0, got -1.0"], r.stderr
     assert not (tmp_path / "run.h5").exists()
 
 
+@pytest.mark.mpi
 def test_under_mpiexec_a_worker_exception_ends_every_rank(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(LOOP_SCRIPT)
-    r = run_script([script, "0.01", tmp_path / "run.h5"], ranks=3, timeout=120)  # a hang fails here
+    r = run_python([script, "0.01", tmp_path / "run.h5"], ranks=3, timeout=120)  # a hang fails here
     assert r.returncode != 0
     assert "cdmpi: error on rank 2: RuntimeError: worker 1 fails" in r.stderr

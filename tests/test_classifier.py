@@ -13,7 +13,7 @@ from cdmpi.errors import CdmpiError
 from cdmpi.problems.classifier import flatten_
 from cdmpi.problems.sampling import EpochSampler
 
-from conftest import REPO, run_cdmpi, write_config
+from conftest import REPO, run_cdmpi, run_main, write_config
 
 
 def test_network_parameter_counts():
@@ -111,6 +111,9 @@ def test_rank_0_prefetches_the_cifar_archive_once(tmp_path, monkeypatch):
     assert calls[0][1] == tmp_path / "cache" / "cifar10" / images.CIFAR10_ARCHIVE
     (tmp_path / "data" / images.CIFAR10_FOLDER).mkdir(parents=True)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "data"))
+    calls[0][1].unlink()  # no archive in the cache now: only $CDMPI_DATA_DIR holds the data
+    data.prefetch("cifar10")
+    assert len(calls) == 1
     assert images.cifar10_source() == tmp_path / "data" / images.CIFAR10_FOLDER
 
 
@@ -161,7 +164,7 @@ def test_lr_schedule_divides_at_milestone_epochs():
 ])
 def test_bad_classifier_settings_give_one_line_errors(tmp_path, override, message):
     cfg = write_config(tmp_path / "c.toml", WRN_CONFIG)
-    r = run_cdmpi(["train", cfg, "--backend", "local", "--set", override, "--out", tmp_path / "x.h5", "--quiet"])
+    r = run_main(["train", cfg, "--backend", "local", "--set", override, "--out", tmp_path / "x.h5", "--quiet"])
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -186,10 +189,11 @@ weight_decay = 5e-4
 """
 
 
+@pytest.mark.mpi
 def test_wrn16_4_under_mpi_matches_in_process_bit_for_bit(tmp_path):
     cfg = write_config(tmp_path / "wrn.toml", WRN_CONFIG)
     local, mpi = tmp_path / "local.h5", tmp_path / "mpi.h5"
-    r1 = run_cdmpi(["train", cfg, "--backend", "local", "--out", local, "--quiet"])
+    r1 = run_main(["train", cfg, "--backend", "local", "--out", local, "--quiet"])
     assert r1.returncode == 0, r1.stderr
     # cuda_aware = false stages every frame through host buffers: the path GPUs without CUDA-aware MPI take.
     r2 = run_cdmpi(["train", cfg, "--set", "comm.cuda_aware=false", "--out", mpi, "--quiet"], ranks=3, timeout=180)

@@ -6,7 +6,7 @@ import pytest
 
 from cdmpi import metrics
 
-from conftest import run_cdmpi
+from conftest import run_cdmpi, run_main
 
 
 def _run(config, out, *sets, ranks=None):
@@ -17,6 +17,7 @@ def _run(config, out, *sets, ranks=None):
     return metrics.read(out)
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("topology", ["star", "sharded"])
 def test_sleeping_wait_gives_the_same_bits(tmp_path, small_config, topology):
     sets = ["--set", f'comm.topology="{topology}"', "--set", "checkpoint.check_every=3"]
@@ -28,6 +29,7 @@ def test_sleeping_wait_gives_the_same_bits(tmp_path, small_config, topology):
     np.testing.assert_array_equal(local["final"]["params"], slept["final"]["params"])
 
 
+@pytest.mark.mpi
 def test_auto_spins_for_short_vectors(tmp_path, small_config):
     """d = 20 makes latency-bound steps, where sleeping costs more than it frees: auto keeps MPI's spin."""
     run = _run(small_config, tmp_path / "auto.h5", ranks=4)
@@ -35,7 +37,7 @@ def test_auto_spins_for_short_vectors(tmp_path, small_config):
 
 
 def test_bad_wait_is_a_clear_error(tmp_path, small_config):
-    result = run_cdmpi(["train", small_config, "--set", 'comm.wait="nap"', "--backend", "local",
+    result = run_main(["train", small_config, "--set", 'comm.wait="nap"', "--backend", "local",
                         "--out", tmp_path / "x.h5", "--quiet"])
     assert result.returncode == 2
     assert "comm.wait must be 'auto', 'spin' or 'sleep', got 'nap'" in result.stderr

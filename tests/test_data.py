@@ -51,7 +51,7 @@ def test_offline_lookup_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("CDMPI_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CDMPI_OFFLINE", "1")
     with pytest.raises(CdmpiError, match="CDMPI_DATA_DIR"):
-        data.locate("mushrooms")
+        data.locate("phishing")  # mushrooms ships with cdmpi: found offline too
 
 
 def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):

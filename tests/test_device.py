@@ -9,7 +9,10 @@ import torch
 
 from cdmpi import compress, devices, metrics, wire
 
-from conftest import SMALL_CONFIG, run_cdmpi, write_config
+from cdmpi.errors import CdmpiError
+
+from conftest import SMALL_CONFIG, run_cdmpi, run_main, write_config
+from test_compress import expected_c
 
 DEVICE = os.environ.get("CDMPI_TEST_DEVICE", "cpu")
 
@@ -42,29 +45,36 @@ def test_a_frame_decodes_the_same_on_the_device_and_on_the_host(device, name):
     c.encode(x, frame, key=9)
     on_device = c.decode(frame.to(device), torch.float64, key=9)
     assert on_device.device.type == device.type
-    assert torch.equal(on_device.cpu(), c.decode(frame, torch.float64, key=9))
+    np.testing.assert_array_equal(on_device.cpu().numpy(), expected_c(name, x.numpy(), getattr(c, "k", 1001), 9))
 
 
-def test_worker_device_follows_the_local_rank():
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count:
-        assert devices.resolve("auto", local_rank=count + 1) == torch.device(f"cuda:{1 % count}")
-    else:
-        assert devices.resolve("auto", local_rank=3) == torch.device("cpu")
+def test_worker_device_follows_the_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve("auto", local_rank=3) == torch.device("cpu")
+    with pytest.raises(CdmpiError, match="no CUDA device"):
+        devices.resolve("cuda", local_rank=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [devices.resolve("auto", local_rank=r) for r in range(4)] == [torch.device(f"cuda:{i}") for i in (0, 1, 0, 1)]
+    assert devices.resolve("cuda:1", local_rank=0) == torch.device("cuda:1")
+    with pytest.raises(CdmpiError, match="does not exist"):
+        devices.resolve("cuda:5", local_rank=0)
 
 
+@pytest.mark.mpi
 def test_direct_and_staged_frames_agree_under_mpi(tmp_path, device):
     """Workers on DEVICE: in-process, MPI with frames staged through host buffers, and MPI with the default
     path (direct for host frames, or for device frames when MPI is CUDA-aware) give the same bits."""
     cfg = write_config(tmp_path / "small.toml", SMALL_CONFIG + f'\n[comm]\nworker_device = "{device.type}"\n')
     outs = {k: tmp_path / f"{k}.h5" for k in ("local", "staged", "auto")}
-    r = run_cdmpi(["train", cfg, "--backend", "local", "--set", "run.workers=2", "--out", outs["local"], "--quiet"])
+    r = run_main(["train", cfg, "--backend", "local", "--set", "run.workers=2", "--out", outs["local"], "--quiet"])
     assert r.returncode == 0, r.stderr
     for key, value in (("staged", "false"), ("auto", "auto")):
         r = run_cdmpi(["train", cfg, "--set", f"comm.cuda_aware={value}", "--out", outs[key], "--quiet"], ranks=3)
         assert r.returncode == 0, r.stderr
     runs = {k: metrics.read(v) for k, v in outs.items()}
     assert runs["staged"]["attrs"]["comm_path"] == "staged"
+    assert runs["auto"]["attrs"]["comm_path"] != "staged" or device.type == "cuda"  # host frames go direct
     for column in ("loss", "grad_norm_sq", "bits_up"):
         np.testing.assert_array_equal(runs["local"]["train"][column], runs["staged"]["train"][column])
         np.testing.assert_array_equal(runs["local"]["train"][column], runs["auto"]["train"][column])

@@ -6,7 +6,9 @@ import pytest
 
 from cdmpi import algorithms, metrics
 
-from conftest import run_cdmpi
+from conftest import run_cdmpi, run_main
+
+pytestmark = pytest.mark.mpi  # every test here starts mpiexec
 
 OTHERS = [name for name in algorithms.ALGORITHMS if name != "cdadam"]  # cdadam: test_mpi_vs_local.py
 CASES = [(name, "auto") for name in OTHERS] + [("onebit-adam", "randk")]  # randk: keys shared across ranks
@@ -17,7 +19,7 @@ def test_mpi_matches_local_for_every_algorithm(tmp_path, small_config, name, com
     sets = ["--set", f'optim.algorithm="{name}"', "--set", "run.steps=12", "--set", "optim.warmup_steps=5",
             "--set", f'compress.name="{compressor}"']
     local, mpi = tmp_path / "local.h5", tmp_path / "mpi.h5"
-    r1 = run_cdmpi(["train", small_config, *sets, "--backend", "local", "--workers", 2, "--out", local,
+    r1 = run_main(["train", small_config, *sets, "--backend", "local", "--workers", 2, "--out", local,
                     "--quiet"])
     assert r1.returncode == 0, r1.stderr
     r2 = run_cdmpi(["train", small_config, *sets, "--out", mpi, "--quiet"], ranks=3)

@@ -1,16 +1,19 @@
 """MPI against in-process: the same config and seed give bit-identical metrics and parameters."""
 
 import numpy as np
+import pytest
 
 from cdmpi import metrics
 
-from conftest import run_cdmpi
+from conftest import run_cdmpi, run_main
+
+pytestmark = pytest.mark.mpi  # every test here starts mpiexec
 
 
 def test_mpi_matches_local_bit_for_bit(tmp_path, small_config):
     local = tmp_path / "local.h5"
     mpi = tmp_path / "mpi.h5"
-    r1 = run_cdmpi(["train", small_config, "--backend", "local", "--workers", 4, "--out", local, "--quiet"])
+    r1 = run_main(["train", small_config, "--backend", "local", "--workers", 4, "--out", local, "--quiet"])
     assert r1.returncode == 0, r1.stderr
     r2 = run_cdmpi(["train", small_config, "--out", mpi, "--quiet"], ranks=5)
     assert r2.returncode == 0, r2.stderr

@@ -15,7 +15,7 @@ from cdmpi import compress, metrics
 from cdmpi.control import HEADER_NBYTES
 from cdmpi.errors import CdmpiError
 
-from conftest import finish, rank_pid, run_cdmpi, wait_for
+from conftest import finish, rank_pid, run_cdmpi, run_main, wait_for
 
 SLICES = 4
 
@@ -161,6 +161,7 @@ def _train(config, out, *args, ranks=None, workers=None):
 
 @pytest.mark.parametrize("name,compressor,workers", [("cdadam", "scaled_sign", 4), ("onebit-adam", "auto", 2),
                                                      ("amsgrad-ef", "randk", 2), ("ef21", "topk", 2)])
+@pytest.mark.mpi
 def test_sharded_mpi_matches_local(tmp_path, small_config, name, compressor, workers):
     sets = ["--set", f'optim.algorithm="{name}"', "--set", f'compress.name="{compressor}"',
             "--set", "run.steps=12", "--set", "optim.warmup_steps=5"]
@@ -175,15 +176,16 @@ def test_sharded_mpi_matches_local(tmp_path, small_config, name, compressor, wor
         d, up = 20, 4 * (4 + 1)
         assert mpi["attrs"]["up_frame_nbytes"] == up
         np.testing.assert_array_equal(np.diff(mpi["train"]["bits_up"]), 8 * workers * up)
-        # Bytes each rank received per step: every rank the 24-byte control words of the 4 others
+        # Bytes each rank received per step: every rank the control words of the 4 others
         # (Allgather); worker s also slice s from the 3 others (Alltoallv) and the 3 other slices of the down
         # frame (Allgatherv).
         control = 4 * HEADER_NBYTES
         np.testing.assert_array_equal(mpi["comm"]["inbound_nbytes_per_step"],
                                       [control] + [control + 3 * 5 + 3 * 5] * 4)
-        assert d // workers == 5
+        assert mpi["attrs"]["dim"] == d
 
 
+@pytest.mark.mpi
 def test_sharded_staged_path_matches_local(tmp_path, small_config):
     """comm.cuda_aware = false copies frames through host staging buffers (the path of GPU workers under an
     MPI that is not CUDA-aware); with CPU frames the same code runs here and must give the same bits."""
@@ -195,6 +197,7 @@ def test_sharded_staged_path_matches_local(tmp_path, small_config):
     np.testing.assert_array_equal(local["final"]["params"], mpi["final"]["params"])
 
 
+@pytest.mark.mpi
 def test_star_inbound_bytes_are_n_messages_at_rank_0(tmp_path, small_config):
     out = tmp_path / "star.h5"
     result = run_cdmpi(["train", small_config, "--set", "run.steps=4", "--out", out, "--quiet"], ranks=4)
@@ -204,6 +207,7 @@ def test_star_inbound_bytes_are_n_messages_at_rank_0(tmp_path, small_config):
     np.testing.assert_array_equal(got, [3 * message, message, message, message])
 
 
+@pytest.mark.mpi
 def test_sharded_checkpoint_resumes_on_the_other_backend(tmp_path, small_config):
     """10 steps in process with a checkpoint, then MPI resumes to 20 (the slice servers' files are named
     by slice, not by rank): the same rows and parameters as 20 steps in one go."""
@@ -213,13 +217,14 @@ def test_sharded_checkpoint_resumes_on_the_other_backend(tmp_path, small_config)
     assert sorted(p.name for p in (tmp_path / "split.ckpt").glob("step-*/*.pt")) == \
         ["server.pt", "slice-0000.pt", "slice-0001.pt", "worker-0000.pt", "worker-0001.pt"]
     resumed = _train(small_config, first, "--set", "run.steps=20", "--resume", "auto", ranks=3)
+    assert list(resumed["attrs"]["resumed_at_steps"]) == [10]
     for column in ("step", "loss", "grad_norm_sq", "bits_up", "bits_down"):
         np.testing.assert_array_equal(straight["train"][column], resumed["train"][column])
     np.testing.assert_array_equal(straight["final"]["params"], resumed["final"]["params"])
 
 
 def test_sharded_with_more_workers_than_coordinates_is_a_clear_error(tmp_path, small_config):
-    result = run_cdmpi(["train", small_config, *SHARDED, "--backend", "local", "--workers", 25,
+    result = run_main(["train", small_config, *SHARDED, "--backend", "local", "--workers", 25,
                         "--out", tmp_path / "x.h5", "--quiet"])
     assert result.returncode == 2
     assert "d = 20 is less than the 25 workers" in result.stderr
@@ -227,7 +232,7 @@ def test_sharded_with_more_workers_than_coordinates_is_a_clear_error(tmp_path, s
 
 
 def test_unknown_topology_is_a_clear_error(tmp_path, small_config):
-    result = run_cdmpi(["train", small_config, "--set", 'comm.topology="ring"', "--backend", "local",
+    result = run_main(["train", small_config, "--set", 'comm.topology="ring"', "--backend", "local",
                         "--out", tmp_path / "x.h5", "--quiet"])
     assert result.returncode == 2
     assert "comm.topology must be 'star' or 'sharded', got 'ring'" in result.stderr
@@ -245,6 +250,7 @@ def test_report_best_keeps_the_topologies_apart():
 
 # ---- faults: the sharded exchange must neither hang nor lose state ---------------------------------------
 
+@pytest.mark.mpi
 def test_sharded_sigterm_stops_with_a_checkpoint_and_resumes_bit_exactly(tmp_path, small_config):
     import os
     import re
@@ -259,7 +265,7 @@ def test_sharded_sigterm_stops_with_a_checkpoint_and_resumes_bit_exactly(tmp_pat
                             CDMPI_TEST_STEP_SLEEP=0.1)
     wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size > 0, job)
     os.kill(rank_pid(job, 2), signal.SIGTERM)  # one worker; the others learn it at the next step
-    rc, err = finish(job, timeout=30)
+    rc, err = finish(job, timeout=120)
     assert rc == rel.EXIT_STOPPED, err
     step = int(re.search(r"stopped by SIGTERM at step (\d+);", err).group(1))
     assert 0 < step < 40
@@ -269,6 +275,7 @@ def test_sharded_sigterm_stops_with_a_checkpoint_and_resumes_bit_exactly(tmp_pat
     np.testing.assert_array_equal(straight["final"]["params"], resumed["final"]["params"])
 
 
+@pytest.mark.mpi
 def test_sharded_worker_killed_mid_exchange_ends_the_job(tmp_path, small_config):
     """A worker that dies leaves the others inside Alltoallv/Allgatherv: the job must still end, fast."""
     import os
@@ -281,5 +288,5 @@ def test_sharded_worker_killed_mid_exchange_ends_the_job(tmp_path, small_config)
                             CDMPI_TEST_STEP_SLEEP=0.05)
     wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size > 0, job)
     os.kill(rank_pid(job, 2), signal.SIGKILL)
-    rc, _ = finish(job, timeout=30)  # a hang fails here
+    rc, _ = finish(job, timeout=120)  # a hang fails here
     assert rc != 0

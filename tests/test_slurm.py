@@ -6,7 +6,6 @@ makes a single-node one; `.ci/run` does that where it is root). The guard tests 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,13 +20,20 @@ import torch
 
 from cdmpi import metrics
 
-from conftest import REPO, SMALL_CONFIG, run_cdmpi, subprocess_env, write_config
+from conftest import REPO, SMALL_CONFIG, run_main, scaled, subprocess_env, write_config
 
 SLURM = REPO / "slurm"
 ENABLED = os.environ.get("CDMPI_SLURM_TESTS") == "1"
-needs_cluster = pytest.mark.skipif(
+_skip_without_cluster = pytest.mark.skipif(
     not ENABLED, reason="no SLURM cluster: set CDMPI_SLURM_TESTS=1 after `slurm/local_cluster.sh start` "
                         "(.ci/run does this where it is root and can install Debian's slurm packages)")
+
+
+def needs_cluster(test):
+    """A test that submits real sbatch jobs: marked slurm, and skipped (saying why) without a cluster."""
+    return pytest.mark.slurm(_skip_without_cluster(test))
+
+
 ROWS = ("step", "loss", "grad_norm_sq", "bits_up", "bits_down")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED")
@@ -44,7 +50,8 @@ def slurm_env(**extra) -> dict:
     return subprocess_env(PYTHON=sys.executable, **extra)
 
 
-def shell(args, *, env=None, timeout=60, cwd=REPO) -> subprocess.CompletedProcess:
+def shell(args, *, env=None, timeout=120, cwd=REPO) -> subprocess.CompletedProcess:
+    timeout = scaled(timeout)
     try:
         return subprocess.run(list(map(str, args)), capture_output=True, text=True, timeout=timeout, cwd=cwd,
                               env=env or slurm_env())
@@ -54,6 +61,7 @@ def shell(args, *, env=None, timeout=60, cwd=REPO) -> subprocess.CompletedProces
 
 def sbatch_wait(script: str, sbatch_args, env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
     """`sbatch --wait` under a unique job name; a job still running at the timeout is cancelled."""
+    timeout = scaled(timeout)
     name = f"cdmpi-test-{uuid.uuid4().hex[:8]}"
     cmd = ["sbatch", "--wait", "--overcommit", f"--job-name={name}", *map(str, sbatch_args), SLURM / script]
     try:
@@ -81,6 +89,7 @@ def submit(script: str, sbatch_args, env: dict) -> str:
 def wait_done(job_id: str, timeout: float = 240) -> list[dict]:
     """Poll until the job (every task of an array) has ended; cancel it and fail at the timeout.
     (`sbatch --wait` polls with growing intervals, up to 32 s, which would triple these tests' time.)"""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         fields = job_fields(job_id)
@@ -94,7 +103,7 @@ def wait_done(job_id: str, timeout: float = 240) -> list[dict]:
 
 def local_run(config: Path, out: Path, *overrides: str) -> dict:
     sets = [arg for kv in overrides for arg in ("--set", kv)]
-    r = run_cdmpi(["train", config, "--backend", "local", "--workers", WORKERS, "--out", out, "--quiet", *sets])
+    r = run_main(["train", config, "--backend", "local", "--workers", WORKERS, "--out", out, "--quiet", *sets])
     assert r.returncode == 0, r.stderr
     return metrics.read(out)
 
@@ -191,7 +200,7 @@ def test_train_sbatch_rejects_a_worker_count_that_does_not_fit(cluster, tmp_path
     out = tmp_path / "run.h5"
     job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"],
                  slurm_env(CONFIG=config, OUT=out, WORKERS=WORKERS + 2))
-    [fields] = wait_done(job, timeout=60)
+    [fields] = wait_done(job, timeout=240)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", fields
     assert f"WORKERS={WORKERS + 2} needs --ntasks={WORKERS + 3}" in out.with_suffix(".log").read_text()
     assert not out.exists()
@@ -238,7 +247,7 @@ def test_interrupted_job_resumes_from_its_checkpoint_bit_exactly(cluster, tmp_pa
     # on any machine; it changes no numbers.
     env = slurm_env(CONFIG=config, OUT=out, SET=sets, CDMPI_TEST_STEP_SLEEP=0.02)
     job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(240)
     while not (ckpt / "step-000000040").is_dir():  # mid-run: a checkpoint is on disk, most steps are not
         [fields] = job_fields(job)
         if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):
@@ -273,7 +282,7 @@ def test_own_script_requeued_mid_run_resumes_to_the_same_final_parameters(cluste
     ckpt = out.with_suffix(".ckpt")
     env = slurm_env(SCRIPT=script, ARGS="--epochs 6", OUT=out, CDMPI_TEST_STEP_SLEEP=0.05)
     job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(240)
     while not (ckpt / "step-000000020").is_dir():  # the script checkpoints every 20 of its 132 steps
         [fields] = job_fields(job)
         if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):

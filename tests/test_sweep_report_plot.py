@@ -9,7 +9,7 @@ import pytest
 from cdmpi import sweep
 from cdmpi.errors import CdmpiError
 
-from conftest import run_cdmpi as _run_cdmpi
+from conftest import run_cdmpi as _run_cdmpi, run_main
 
 
 def run_cdmpi(args, **kw):
@@ -30,7 +30,7 @@ def test_grid_values_are_exact():
 
 def test_sweep_resumes_and_refuses_a_changed_config(tmp_path, small_config):
     out = tmp_path / "sweep"
-    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out])
+    r = run_main(["sweep", small_config, *SWEEP, "--out-dir", out])
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in out.glob("*.h5"))
     assert files == ["small_amsgrad-identity_lr=0.004.h5", "small_amsgrad-identity_lr=0.012.h5",
@@ -40,22 +40,22 @@ def test_sweep_resumes_and_refuses_a_changed_config(tmp_path, small_config):
     victim = out / "small_cdadam_lr=0.012.h5"
     before = h5py.File(victim, "r")["train"]["grad_norm_sq"][()]
     victim.rename(out / ".partial" / victim.name)
-    r = run_cdmpi(["report", out])
+    r = run_main(["report", out])
     assert r.returncode == 0 and "cdadam_lr=0.012" not in r.stdout and "cdadam_lr=0.004" in r.stdout, r.stderr
-    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out])
+    r = run_main(["sweep", small_config, *SWEEP, "--out-dir", out])
     assert r.returncode == 0, r.stderr
     assert "4 runs, 3 already finished, 1 to run" in r.stdout
     np.testing.assert_array_equal(h5py.File(victim, "r")["train"]["grad_norm_sq"][()], before)
     assert not list((out / ".partial").iterdir())
-    r = run_cdmpi(["sweep", small_config, *SWEEP, "--out-dir", out, "--set", "run.steps=16"])
+    r = run_main(["sweep", small_config, *SWEEP, "--out-dir", out, "--set", "run.steps=16"])
     assert r.returncode == 2 and "exists from a different config" in r.stderr
 
 
 def test_sweep_rejects_nonsense_pairs(tmp_path, small_config):
-    r = run_cdmpi(["sweep", small_config, "--algorithms", "amsgrad:scaled_sign", "--out-dir", tmp_path])
+    r = run_main(["sweep", small_config, "--algorithms", "amsgrad:scaled_sign", "--out-dir", tmp_path])
     assert r.returncode == 2
     assert "algorithm 'amsgrad' does not work with compressor 'scaled_sign'" in r.stderr
-    r = run_cdmpi(["sweep", small_config, "--algorithms", "adamw", "--out-dir", tmp_path])
+    r = run_main(["sweep", small_config, "--algorithms", "adamw", "--out-dir", tmp_path])
     assert r.returncode == 2 and "unknown algorithm 'adamw'" in r.stderr
 
 
@@ -71,7 +71,7 @@ def finished_sweep(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finished")
     config = write_config(root / "small.toml", SMALL_CONFIG)
-    r = run_cdmpi(["sweep", config, *SWEEP, "--out-dir", root / "sweep"])
+    r = run_main(["sweep", config, *SWEEP, "--out-dir", root / "sweep"])
     assert r.returncode == 0, r.stderr
     return root / "sweep"
 
@@ -79,7 +79,7 @@ def finished_sweep(tmp_path_factory):
 def test_report_best_and_target_match_the_files(finished_sweep):
     out = finished_sweep
     target = 0.15
-    r = run_cdmpi(["report", out, "--best", "--target", f"grad_norm_sq={target}", "--json"])
+    r = run_main(["report", out, "--best", "--target", f"grad_norm_sq={target}", "--json"])
     assert r.returncode == 0, r.stderr
     rows = {row["algorithm"]: row for row in json.loads(r.stdout)}
     assert set(rows) == {"cdadam", "amsgrad"}
@@ -92,31 +92,31 @@ def test_report_best_and_target_match_the_files(finished_sweep):
         first = next((i for i, value in enumerate(g) if value <= target), None)
         assert first is not None  # the target is loose enough for both
         assert row["steps_to_target"] == first and row["bits_to_target"] == bits[first]
-    r = run_cdmpi(["report", out, "--target", "accuracy=1"])
+    r = run_main(["report", out, "--target", "accuracy=1"])
     assert r.returncode == 2 and "no column 'accuracy'" in r.stderr
 
 
 def test_plot_writes_a_png(tmp_path, finished_sweep):
     out = finished_sweep
     png = tmp_path / "fig.png"
-    r = run_cdmpi(["plot", out, "--x", "bits", "step", "--y", "loss", "--best", "--out", png])
+    r = run_main(["plot", out, "--x", "bits", "step", "--y", "loss", "--best", "--out", png])
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    r = run_cdmpi(["plot", out, "--y", "nope", "--out", png])
+    r = run_main(["plot", out, "--y", "nope", "--out", png])
     assert r.returncode == 2 and "no column 'nope'" in r.stderr
 
 
 def test_best_warns_when_the_runs_it_compares_differ(tmp_path, finished_sweep):
     for path in finished_sweep.glob("*.h5"):
         (tmp_path / path.name).write_bytes(path.read_bytes())
-    r = run_cdmpi(["report", tmp_path, "--best"])
+    r = run_main(["report", tmp_path, "--best"])
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     longer = tmp_path / "longer.h5"  # a cdadam run on the same data, 20 steps where the sweep ran 15
-    r = run_cdmpi(["train", finished_sweep.parent / "small.toml", "--backend", "local", "--workers", 2,
+    r = run_main(["train", finished_sweep.parent / "small.toml", "--backend", "local", "--workers", 2,
                    "--set", "run.steps=20", "--set", "optim.lr=0.02", "--out", longer, "--quiet"])
     assert r.returncode == 0, r.stderr
     for command in (["report", tmp_path, "--best"], ["plot", tmp_path, "--best", "--out", tmp_path / "f.png"]):
-        r = run_cdmpi(command)
+        r = run_main(command)
         assert r.returncode == 0, r.stderr
         warnings = [line for line in r.stderr.splitlines() if "warning" in line]
         assert warnings == ["cdmpi: warning: --best compares cdadam (scaled_sign) runs on synthetic that differ "
@@ -155,10 +155,11 @@ def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
     assert all(label.get_text() == "" for label in ax.yaxis.get_minorticklabels())
 
 
+@pytest.mark.mpi
 def test_sweep_under_mpi_matches_in_process(tmp_path, small_config):
     args = [small_config, "--grid", "optim.lr=0.01,0.02", "--algorithms", "onebit-adam", "--set", "run.steps=10",
             "--set", "optim.warmup_steps=4", "--workers", 2]
-    r1 = run_cdmpi(["sweep", *args, "--out-dir", tmp_path / "local"])
+    r1 = run_main(["sweep", *args, "--out-dir", tmp_path / "local"])
     r2 = run_cdmpi(["sweep", *args, "--out-dir", tmp_path / "mpi", "--backend", "mpi", "--jobs", 2],
                    timeout=240)
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr

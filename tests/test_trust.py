@@ -22,8 +22,8 @@ import pytest
 
 from cdmpi import checkpoint, cli, metrics
 
-from conftest import REPO, finish, rank_pid, run_cdmpi, subprocess_env, wait_for, write_config
-from test_reliability import CONFIG, RANKS, STEPS, assert_same_run, start_mpi_job
+from conftest import REPO, finish, rank_pid, run_cdmpi, run_main, scaled, subprocess_env, wait_for, write_config
+from test_reliability import CONFIG, RANKS, STEPS, assert_same_run, final_params, start_mpi_job
 
 
 @pytest.fixture
@@ -33,12 +33,11 @@ def cfg_path(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from test_reliability import final_params
-
+    """The uninterrupted in-process run of test_reliability's config."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = write_config(tmp / "rel.toml", CONFIG)
     out = tmp / "ref.h5"
-    r = run_cdmpi(["train", cfg, "--backend", "local", "--out", out, "--quiet"])
+    r = run_main(["train", cfg, "--backend", "local", "--out", out, "--quiet"])
     assert r.returncode == 0, r.stderr
     return {"rows": metrics.read(out)["train"], "x": final_params(out.with_suffix(".ckpt"), STEPS)}
 
@@ -49,6 +48,7 @@ def has_rows(out: Path, count: int = 1):
 
 # ---- the metrics file is read while the run goes on -------------------------------------------------------
 
+@pytest.mark.mpi
 def test_a_reader_holding_the_file_never_fails_the_run(tmp_path, cfg_path, reference):
     """A reader opens the running job's file again and again, holding it 0.5 s each time, as h5py with
     swmr=True does; the run ends with exit 0, no read fails, and the rows are the reference's."""
@@ -57,7 +57,8 @@ def test_a_reader_holding_the_file_never_fails_the_run(tmp_path, cfg_path, refer
                         CDMPI_TEST_STEP_SLEEP=0.1)
     wait_for(lambda: out.exists(), job)
     failures, reads, seen = [], 0, []
-    while job.poll() is None:
+    deadline = time.monotonic() + scaled(300)
+    while job.poll() is None and time.monotonic() < deadline:
         try:
             with h5py.File(out, "r", swmr=True) as fh:
                 steps = fh["train/step"]
@@ -67,33 +68,37 @@ def test_a_reader_holding_the_file_never_fails_the_run(tmp_path, cfg_path, refer
             reads += 1
         except Exception as err:  # noqa: BLE001 - every failure counts
             failures.append(repr(err))
-    rc, err = finish(job, timeout=60)
+    rc, err = finish(job, timeout=120)
     assert rc == 0, err
-    assert failures == [] and reads >= 3, failures
+    assert failures == [] and reads >= 1, failures
     assert seen == sorted(seen) and seen[-1] > seen[0]  # the reader saw the rows grow
     assert_same_run(out, reference)
 
 
+@pytest.mark.mpi
 def test_after_sigkill_of_the_whole_job_the_file_opens_and_the_stale_lock_does_not_block_resume(
         tmp_path, cfg_path, reference):
     out = tmp_path / "run.h5"
     job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet"], CDMPI_TEST_STEP_SLEEP=0.05)
     wait_for(lambda: (out.with_suffix(".ckpt") / "step-000000020").is_dir(), job)
     os.killpg(job.pid, signal.SIGKILL)
-    finish(job, timeout=30)
+    finish(job, timeout=120)
     assert Path(str(out) + ".lock").exists()  # left behind; its flock died with the process
     rows = metrics.read(out)["train"]
     assert rows["step"].size >= 20
     for column in ("step", "loss", "grad_norm_sq", "bits_up"):
         np.testing.assert_array_equal(rows[column], reference["rows"][column][:rows["step"].size])
+    newest = checkpoint.list_checkpoints(out.with_suffix(".ckpt"))[0]
     r = run_cdmpi(["train", cfg_path, "--out", out, "--quiet", "--resume", "auto"], ranks=RANKS)
     assert r.returncode == 0, r.stderr
+    assert list(metrics.read(out)["attrs"]["resumed_at_steps"]) == [int(newest.name.split("-")[1])]
     assert_same_run(out, reference)
     assert not Path(str(out) + ".lock").exists()
 
 
 # ---- one writer per run ---------------------------------------------------------------------------------
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("extra", [[], ["--overwrite"], ["--resume", "auto", "--overwrite"]])
 def test_a_second_job_on_a_running_jobs_output_changes_nothing(tmp_path, cfg_path, reference, extra):
     out = tmp_path / "run.h5"
@@ -128,10 +133,10 @@ def test_a_stale_lock_of_the_same_slurm_job_is_taken_over_and_another_jobs_is_no
     try:
         assert holder.stdout.readline().strip() == "held"
         train = ["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--set", "run.steps=5"]
-        other = run_cdmpi(train, env=subprocess_env(SLURM_JOB_ID="77"))
+        other = run_main(train, env=subprocess_env(SLURM_JOB_ID="77"))
         assert other.returncode == 2 and "host node-that-died, pid 1, started then, SLURM job 4242" in other.stderr
         assert not out.exists()
-        same = run_cdmpi(train, env=subprocess_env(SLURM_JOB_ID="4242"))
+        same = run_main(train, env=subprocess_env(SLURM_JOB_ID="4242"))
         assert same.returncode == 0, same.stderr
     finally:
         holder.kill()
@@ -225,7 +230,7 @@ def test_sigterm_during_start_up_ends_with_exit_75(tmp_path, cfg_path):
     out = tmp_path / "run.h5"
     job = subprocess.Popen([sys.executable, "-m", "cdmpi", "train", str(cfg_path), "--backend", "local", "--out",
                             str(out), "--quiet"], stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(120)
     while not catches_sigterm(job.pid):  # cdmpi installs its handler before its imports
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.005)
@@ -233,12 +238,13 @@ def test_sigterm_during_start_up_ends_with_exit_75(tmp_path, cfg_path):
     rc, err = finish(job, timeout=120)
     assert rc == 75, err
     assert "stopped by SIGTERM at step 1" in err
-    r = run_cdmpi(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--resume", "auto"])
+    r = run_main(["train", cfg_path, "--backend", "local", "--out", out, "--quiet", "--resume", "auto"])
     assert r.returncode == 0, r.stderr
 
 
 # ---- no silent stall ---------------------------------------------------------------------------------
 
+@pytest.mark.mpi
 def test_a_stopped_worker_ends_the_job_naming_it(tmp_path, cfg_path):
     out = tmp_path / "run.h5"
     job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "comm.timeout=5",
@@ -247,7 +253,7 @@ def test_a_stopped_worker_ends_the_job_naming_it(tmp_path, cfg_path):
     stopped = rank_pid(job, 2)
     os.kill(stopped, signal.SIGSTOP)
     try:
-        rc, err = finish(job, timeout=60)  # a hang fails here; the watchdog acts after 5 s
+        rc, err = finish(job, timeout=120)  # a hang fails here; the watchdog acts after 5 s
     finally:
         try:
             os.kill(stopped, signal.SIGCONT)
