@@ -9,7 +9,8 @@ from common import RESULTS
 
 def main() -> None:
     parts = [(RESULTS / "SUMMARY.md").read_text().rstrip()]
-    parts += [path.read_text().rstrip() for path in sorted(RESULTS.glob("[0-9]_*.md"))]
+    tables = sorted(RESULTS.glob("[0-9]*_*.md"), key=lambda path: int(path.name.split("_")[0]))  # 10 after 9
+    parts += [path.read_text().rstrip() for path in tables]
     (RESULTS / "README.md").write_text("\n\n".join(parts) + "\n")
     print(f"wrote {RESULTS / 'README.md'}")
 
