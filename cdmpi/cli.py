@@ -137,7 +137,7 @@ def _plot_parser(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw log-scale curves from metrics files",
         description="One column per dataset, one row per --x axis, one curve per run (or per algorithm "
-                    "with --best); y on a log scale, bits on a log scale too. Needs matplotlib.",
+                    "with --best); y on a log scale where its curves span a decade or more, bits on a log scale. Needs matplotlib.",
         formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="metrics files or folders of them")
     p.add_argument("--x", nargs="+", default=["bits", "step"], choices=("bits", "step"),

@@ -63,7 +63,8 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     for r, axis in enumerate(xs):
         for c, dataset in enumerate(datasets):
             ax = axes[r][c]
-            _log_axis(ax, "y")
+            if _spans_a_decade(ax):  # a loss between 0.3 and 0.7 reads better on a linear axis
+                _log_axis(ax, "y")
             if axis == "bits":
                 _log_axis(ax, "x")
             ax.set_xlabel(X_AXES[axis])
@@ -91,6 +92,12 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     fig.savefig(out, dpi=110, bbox_inches="tight")  # tight: the legends outside the axes are kept whole
     plt.close(fig)
     return out
+
+
+def _spans_a_decade(ax) -> bool:
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()] or [[]])
+    values = values[values > 0]
+    return values.size > 0 and values.max() >= 10 * values.min()
 
 
 def _log_axis(ax, which: str) -> None:

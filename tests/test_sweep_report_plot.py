@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cdmpi import sweep
+from cdmpi import metrics, sweep
 from cdmpi.errors import CdmpiError
 
 from conftest import run_cdmpi as _run_cdmpi, run_main
@@ -141,18 +141,27 @@ def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
     plt.Figure.savefig = keep
     try:
         plot.figure(analysis.expand([finished_sweep]), xs=("step",), out=tmp_path / "all.png")
+        ax = captured["fig"].axes[0]
+        plot.figure(analysis.expand([finished_sweep]), xs=("step",), y="loss", out=tmp_path / "loss.png")
+        loss_ax = captured["fig"].axes[0]
+        plot.figure(analysis.expand([finished_sweep]), xs=("step",), y="bits_up", out=tmp_path / "bits.png")
+        bits_ax = captured["fig"].axes[0]
     finally:
         plt.Figure.savefig = savefig
-    lines = captured["fig"].axes[0].get_lines()
+    runs = [metrics.read(f)["train"] for f in analysis.expand([finished_sweep])]
+    losses = np.concatenate([train["loss"] for train in runs])
+    assert losses.max() < 10 * losses.min() and loss_ax.get_yscale() == "linear"  # under a decade: linear
+    assert all(train["bits_up"][-1] >= 10 * train["bits_up"][0] for train in runs)  # 15 steps: over a decade
+    assert bits_ax.get_yscale() == "log"
+    low, high = bits_ax.get_ylim()
+    assert np.log10(high / low) >= 1
+    assert all(label.get_text() == "" for label in bits_ax.yaxis.get_minorticklabels())  # decades only
+    lines = ax.get_lines()
     labels = sorted(line.get_label() for line in lines)
     assert labels == sorted(f"{name} lr={lr:g}" for name in ("amsgrad (identity)", "cdadam (scaled_sign)")
                             for lr in (0.004, 0.012))
     looks = {(line.get_color(), str(line.get_linestyle())) for line in lines}
     assert len(looks) == len(lines)  # no two curves drawn alike
-    ax = captured["fig"].axes[0]
-    low, high = ax.get_ylim()
-    assert np.log10(high / low) >= 1  # at least a decade: only decades are labelled
-    assert all(label.get_text() == "" for label in ax.yaxis.get_minorticklabels())
 
 
 @pytest.mark.mpi
