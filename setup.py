@@ -19,7 +19,8 @@ setup(
         "numpy>=1.24",
         "h5py>=3.8",
         "mpi4py>=3.1",
-        "scikit-learn>=1.2",  # the LibSVM reader
+        "scipy>=1.10",  # the sparse matrix of a LibSVM file
+        "scikit-learn>=1.2",  # the digits dataset
         "tqdm>=4.60",
         "numba>=0.59",  # compiled scaled-sign kernels (cdmpi/wire.py); without it the torch path runs
     ],

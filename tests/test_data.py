@@ -37,6 +37,37 @@ def test_malformed_line_is_named(tmp_path):
         data.read_libsvm(path)
 
 
+def test_libsvm_reader_equals_scikit_learns_on_mushrooms():
+    """cdmpi's own reader against scikit-learn's load_svmlight_file, bit for bit."""
+    from sklearn.datasets import load_svmlight_file
+
+    path = data.locate("mushrooms", allow_download=False)  # bundled
+    ds = data.read_libsvm(path)
+    features, labels = load_svmlight_file(str(path), dtype=np.float64)
+    assert ds.features.shape == features.shape == (8124, 112)
+    assert ds.features.toarray().tobytes() == features.toarray().tobytes()
+    np.testing.assert_array_equal(ds.labels, np.where(labels == labels.max(), 1.0, -1.0))
+
+
+def test_libsvm_comments_qid_and_zero_based_indices(tmp_path):
+    path = tmp_path / "d.svm"
+    path.write_text("# a comment line\n1 qid:3 0:2.5 2:1e-3  # trailing comment\n\n-1 1:-4\n")
+    ds = data.read_libsvm(path)
+    np.testing.assert_array_equal(ds.features.toarray(), [[2.5, 0, 1e-3], [0, -4, 0]])  # an index 0: zero-based
+    np.testing.assert_array_equal(ds.labels, [1, -1])
+    assert data.read_libsvm(path, n_features=5).n_features == 5
+    with pytest.raises(CdmpiError, match="features up to index 3 but data.n_features = 2"):
+        data.read_libsvm(path, n_features=2)
+
+
+@pytest.mark.parametrize("line", ["1 3:1 2:1", "1 2:1 2:1", "1 2:1:1", "1 2", "1 :2", "1 2:"])
+def test_malformed_libsvm_tokens_are_named(tmp_path, line):
+    path = tmp_path / "d.svm"
+    path.write_text(f"0 1:1\n{line}\n")
+    with pytest.raises(CdmpiError, match=f"line 2: {line!r}"):
+        data.read_libsvm(path)
+
+
 def test_shards_are_contiguous_and_equal():
     bounds = data.shard_bounds(8124, 20)
     sizes = [hi - lo for lo, hi in bounds]
