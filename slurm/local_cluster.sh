@@ -63,6 +63,8 @@ JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Look at pending jobs every second: a requeued job otherwise waits for the next backfill pass (30 s).
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=none
 JobRequeue=1
 ReturnToService=2
