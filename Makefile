@@ -13,6 +13,9 @@ export CDMPI_DATA_DIR ?= $(SHARED_DATA)
 endif
 DEMO_RANKS ?= 21
 PYTEST_ARGS ?=
+# Test files run in TEST_JOBS processes at once (pytest-xdist; a file's tests stay together, so its
+# module-scoped reference runs are made once). MPI jobs and sbatch waits of one overlap the other's work.
+TEST_JOBS ?= 2
 
 # Section 7.1 reproduction: every dataset x method x step size, then the table and figures.
 LOGREG_DATASETS ?= w8a a9a mushrooms phishing
@@ -61,11 +64,11 @@ bench: install
 # Every test; SLURM's where a cluster is up (CDMPI_SLURM_TESTS=1, see .ci/run). On a slow or crowded
 # machine, CDMPI_TEST_TIMEOUT_SCALE=3 gives every hang detector three times as long.
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS) tests
 
 # The pure-math and in-process tests: no mpiexec, no sbatch, nothing marked slow.
 test-fast: install
-	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs -m "not mpi and not slurm and not slow" $(PYTEST_ARGS) tests
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m pytest -q -rs -n $(TEST_JOBS) --dist loadfile -m "not mpi and not slurm and not slow" $(PYTEST_ARGS) tests
 
 # docs/configuration.md from the config dataclasses (tests/test_docs.py fails when it is stale).
 docs: install

@@ -27,7 +27,7 @@ setup(
     extras_require={
         "mpich": ["mpich"],  # an MPI runtime from PyPI, for machines without a system MPI
         "plot": ["matplotlib>=3.6"],
-        "test": ["pytest>=7", "matplotlib>=3.6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["cdmpi = cdmpi.cli:main"]},
 )
