@@ -33,26 +33,6 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
-# How long a test keeps the machine, roughly, by what it starts (for the order of files below).
-_WEIGHT = {"slurm": 10, "slow": 5, "mpi": 1}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files that wait on sbatch or start MPI jobs run first, each file's tests together and in order.
-    Under `make test`'s two processes (--dist loadfile hands out whole files in this order) the long
-    files overlap each other and the many short ones fill in at the end, instead of one long file ending
-    the run alone."""
-    by_file: dict = {}
-    for item in items:
-        by_file.setdefault(item.path, []).append(item)
-
-    def weight(path) -> int:
-        return sum(max((w for m, w in _WEIGHT.items() if item.get_closest_marker(m)), default=0)
-                   for item in by_file[path])
-
-    items[:] = [item for path in sorted(by_file, key=weight, reverse=True) for item in by_file[path]]
-
-
 def pytest_runtest_setup(item):  # before any fixture of the test, module-scoped ones included
     _CURRENT[0] = item
 

@@ -211,21 +211,21 @@ def test_sweep_array_runs_every_grid_line(cluster, tmp_path):
     config = small_config(tmp_path / "small.toml")
     grid = tmp_path / "grid.txt"
     grid.write_text("# algorithm lr dataset [key=value ...]\ncdadam 0.01 synthetic\n\n"
-                    "cdadam 0.003 synthetic run.seed=5\ncdadam 0.03 synthetic\n")
+                    "cdadam 0.003 synthetic run.seed=5\n")
     env = slurm_env(GRID=grid, CONFIG=config, OUT_DIR=tmp_path / "sweep")
-    job = submit("sweep.sbatch", ["--array=1-3", f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%A_%a.out"],
+    job = submit("sweep.sbatch", ["--array=1-2", f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%A_%a.out"],
                  env)
     tasks = wait_done(job, timeout=300)
-    assert sorted(t["ArrayTaskId"] for t in tasks) == ["1", "2", "3"], tasks
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["1", "2"], tasks
     assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), \
         "".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*")))
     losses = []
-    for lr, extra in (("0.01", ()), ("0.003", ("run.seed=5",)), ("0.03", ())):
+    for lr, extra in (("0.01", ()), ("0.003", ("run.seed=5",))):
         run = metrics.read(tmp_path / "sweep" / "synthetic" / f"cdadam-lr{lr}.h5")
         assert run["attrs"]["config"]["optim"]["lr"] == float(lr)
         assert_same_rows(run, local_run(config, tmp_path / f"local-{lr}.h5", f"optim.lr={lr}", *extra))
         losses.append(run["train"]["loss"][-1])
-    assert len(set(losses)) == 3
+    assert len(set(losses)) == 2
 
 
 # How a running job is interrupted: an administrator's (or a preempting job's) requeue, which SLURM
@@ -277,13 +277,14 @@ def test_interrupted_job_resumes_from_its_checkpoint_bit_exactly(cluster, tmp_pa
 def test_own_script_requeued_mid_run_resumes_to_the_same_final_parameters(cluster, tmp_path):
     """slurm/train.sbatch with SCRIPT=examples/own_model.py (a user's loop under cdmpi.launch), requeued
     once a checkpoint is on disk: the job ends as an uninterrupted in-process run of the script does."""
+    epochs, steps = 4, 88  # 2 workers: 22 steps per epoch
     script = REPO / "examples" / "own_model.py"
     out = tmp_path / "own.h5"
     ckpt = out.with_suffix(".ckpt")
-    env = slurm_env(SCRIPT=script, ARGS="--epochs 6", OUT=out, CDMPI_TEST_STEP_SLEEP=0.05)
+    env = slurm_env(SCRIPT=script, ARGS=f"--epochs {epochs}", OUT=out, CDMPI_TEST_STEP_SLEEP=0.05)
     job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
     deadline = time.monotonic() + scaled(240)
-    while not (ckpt / "step-000000020").is_dir():  # the script checkpoints every 20 of its 132 steps
+    while not (ckpt / "step-000000020").is_dir():  # the script checkpoints every 20 steps
         [fields] = job_fields(job)
         if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):
             subprocess.run(["scancel", job], timeout=30)
@@ -294,11 +295,11 @@ def test_own_script_requeued_mid_run_resumes_to_the_same_final_parameters(cluste
     log = out.with_suffix(".log").read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{log}"
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", log)
-    assert stopped and 20 <= int(stopped.group(1)) < 132, log
-    assert "restart 1] cdmpi exited with code 0" in log and "finished 132 steps" in log
+    assert stopped and 20 <= int(stopped.group(1)) < steps, log
+    assert "restart 1] cdmpi exited with code 0" in log and f"finished {steps} steps" in log
 
     reference = tmp_path / "reference.h5"
-    r = shell([sys.executable, script, "--out", reference, "--epochs", "6", "--workers", WORKERS], timeout=300)
+    r = shell([sys.executable, script, "--out", reference, "--epochs", epochs, "--workers", WORKERS], timeout=300)
     assert r.returncode == 0, r.stderr
     run, expected = metrics.read(out), metrics.read(reference)
     assert list(run["attrs"]["resumed_at_steps"]) == [int(stopped.group(1))]
