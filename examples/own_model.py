@@ -15,7 +15,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import cdmpi
@@ -41,6 +40,8 @@ class Net(nn.Module):
 
 def digits():
     """(train images, train labels, test images, test labels): 8x8 images in [0, 1], a seeded 80/20 split."""
+    from sklearn.datasets import load_digits  # here: only the workers load data, not the server rank
+
     bunch = load_digits()
     images = torch.tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
     labels = torch.tensor(bunch.target)
