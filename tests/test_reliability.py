@@ -66,7 +66,11 @@ def cfg_path(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted in-process run: its metrics rows and every worker's final x."""
+    return reference_run(tmp_path_factory)
+
+
+def reference_run(tmp_path_factory) -> dict:
+    """An uninterrupted in-process run of CONFIG: its metrics rows and every worker's final x."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = write_config(tmp / "rel.toml", CONFIG)
     out = tmp / "ref.h5"

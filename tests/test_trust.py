@@ -23,7 +23,7 @@ import pytest
 from cdmpi import checkpoint, cli, metrics
 
 from conftest import REPO, finish, rank_pid, run_cdmpi, run_main, scaled, subprocess_env, wait_for, write_config
-from test_reliability import CONFIG, RANKS, STEPS, assert_same_run, final_params, start_mpi_job
+from test_reliability import CONFIG, RANKS, assert_same_run, reference_run, start_mpi_job
 
 
 @pytest.fixture
@@ -34,12 +34,7 @@ def cfg_path(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted in-process run of test_reliability's config."""
-    tmp = tmp_path_factory.mktemp("reference")
-    cfg = write_config(tmp / "rel.toml", CONFIG)
-    out = tmp / "ref.h5"
-    r = run_main(["train", cfg, "--backend", "local", "--out", out, "--quiet"])
-    assert r.returncode == 0, r.stderr
-    return {"rows": metrics.read(out)["train"], "x": final_params(out.with_suffix(".ckpt"), STEPS)}
+    return reference_run(tmp_path_factory)
 
 
 def has_rows(out: Path, count: int = 1):
