@@ -113,8 +113,9 @@ class MarkovWorker:
         self.g_hat = MarkovSequence(s.up, s.dtype, device, s.seed, stream=worker_index + 1)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
 
-    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
-        self.g_hat.push(grad, up_frame)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
+    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> bool | None:
+        """Writes the upload frame; returns whether grad was finite where the encoder learns it, else None."""
+        return self.g_hat.push(grad, up_frame)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
 
     def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
         self.g_tilde.receive(down_frame)  # g_tilde += c
@@ -192,8 +193,8 @@ class DirectAmsgradWorker:
         self.reader = FrameReader(s.down, s.dtype, s.seed, stream=0)
         self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
 
-    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
-        self.sender.push(grad, up_frame)
+    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> bool | None:
+        return self.sender.push(grad, up_frame)
 
     def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
         self.amsgrad.step(params, self.reader.read(down_frame), lr)
@@ -275,12 +276,11 @@ class OnebitAdamWorker(_OnebitWarmup):
         self.exp_avg_sq = torch.zeros(s.d, dtype=s.dtype, device=device)
         self.step = 0
 
-    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> None:
+    def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> bool | None:
         if self.warm:
-            self.full.encode(grad, up_frame)
-        else:
-            b1 = self.optim.beta1
-            self.sender.push(self.exp_avg * b1 + grad * (1.0 - b1), up_frame)
+            return self.full.encode(grad, up_frame)
+        b1 = self.optim.beta1
+        return self.sender.push(self.exp_avg * b1 + grad * (1.0 - b1), up_frame)
 
     def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
         o = self.optim

@@ -31,7 +31,9 @@ class Compressor:
         """pi of Assumption 4.1: ||C(x) - x||^2 <= (1 - pi) ||x||^2 (in expectation for random-k)."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor, frame: torch.Tensor, key: int = 0) -> None:
+    def encode(self, x: torch.Tensor, frame: torch.Tensor, key: int = 0) -> bool | None:
+        """Write C(x) into frame. Returns whether every coordinate of x was finite where the encoder learns it
+        on its way through x (scaled sign: from the partial sums of ||x||_1), else None."""
         raise NotImplementedError
 
     def decode(self, frame: torch.Tensor, dtype: torch.dtype, key: int = 0) -> torch.Tensor:
@@ -48,10 +50,13 @@ class Compressor:
             self.decode_add_(frame, total, key)
         acc.add_(total, alpha=alpha)
 
-    def encode_delta_(self, target: torch.Tensor, state: torch.Tensor, frame: torch.Tensor, key: int = 0) -> None:
-        """One Markov step: write C(target - state) into frame, then state += the decoded frame."""
-        self.encode(target - state, frame, key)
+    def encode_delta_(self, target: torch.Tensor, state: torch.Tensor, frame: torch.Tensor,
+                      key: int = 0) -> bool | None:
+        """One Markov step: write C(target - state) into frame, then state += the decoded frame. Returns what
+        encode returns, of target - state."""
+        finite = self.encode(target - state, frame, key)
         self.decode_add_(frame, state, key)
+        return finite
 
     def __call__(self, x: torch.Tensor, key: int = 0) -> torch.Tensor:
         frame = torch.empty(self.frame_nbytes, dtype=torch.uint8, device=x.device)
@@ -83,16 +88,18 @@ class ScaledSign(Compressor):
         wire.pack_signs_chunk(x, signs[lo // 8:(hi + 7) // 8])
         return torch.abs(x, out=wire.scratch("abs", x.dtype, x.device)[:hi - lo]).sum()
 
-    def _pack_all(self, x_of, frame) -> None:
-        """Frame = fp32 ||x||_1 / d, then the signs; x_of(lo, hi) gives the chunk of x."""
+    def _pack_all(self, x_of, frame) -> bool:
+        """Frame = fp32 ||x||_1 / d, then the signs; x_of(lo, hi) gives the chunk of x. Returns whether
+        ||x||_1 is finite (a sum of |x_j| is inf or nan exactly when some x_j is, or when it overflows)."""
         signs = frame[4:]
         l1 = None
         for lo, hi in wire.chunks(self.d):
             part = self._pack(x_of(lo, hi), signs, lo, hi)
             l1 = part if l1 is None else l1 + part
         wire.write_f32(frame, 0, l1 / self.d)
+        return bool(torch.isfinite(l1))
 
-    def _pack_compiled(self, k, frame, x, state=None) -> None:
+    def _pack_compiled(self, k, frame, x, state=None) -> bool:
         """_pack_all through the compiled kernels (of x - state if state is given): the signs and |x| of a
         chunk in one loop, ||x||_1 of the chunk by torch's own sum (as the torch path), the scale by the same float ops."""
         fr = wire.as_numpy(frame)
@@ -117,22 +124,24 @@ class ScaledSign(Compressor):
             partials[c] = absx.sum().item()
         k.scale(partials, d, scale)
         fr[:4] = scale.view(np.uint8)
+        return bool(np.isfinite(partials).all())  # what _pack_all returns, from the chunks' sums
 
     def encode(self, x, frame, key=0):
         k = wire.compiled(self.d, x, frame) if x.dtype in (torch.float32, torch.float64) else None
         if k is not None:
             return self._pack_compiled(k, frame, x)
-        self._pack_all(lambda lo, hi: x[lo:hi], frame)
+        return self._pack_all(lambda lo, hi: x[lo:hi], frame)
 
     def encode_delta_(self, target, state, frame, key=0):
         k = (wire.compiled(self.d, target, state, frame)
              if target.dtype == state.dtype and state.dtype in (torch.float32, torch.float64) else None)
         if k is not None:
-            self._pack_compiled(k, frame, target, state)
+            finite = self._pack_compiled(k, frame, target, state)
         else:
             diff = wire.scratch("diff", state.dtype, state.device)
-            self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
+            finite = self._pack_all(lambda lo, hi: torch.sub(target[lo:hi], state[lo:hi], out=diff[:hi - lo]), frame)
         self.decode_add_(frame, state)
+        return finite
 
     def decode(self, frame, dtype, key=0):
         scale = wire.read_f32(frame, 0, 1).to(dtype)
@@ -251,6 +260,14 @@ def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0) -> Compressor:
     return cls(d)
 
 
+def all_finite(results: list[bool | None]) -> bool | None:
+    """The encode result of a frame made of parts: False if a part saw a non-finite value, True if every
+    part knows it saw none, else None."""
+    if False in results:
+        return False
+    return True if all(r is True for r in results) else None
+
+
 # ---- the sharded server's compressor: one compressor per slice ------------------------------------------
 
 def slice_bounds(d: int, n_slices: int) -> list[int]:
@@ -310,8 +327,7 @@ class Sliced(Compressor):
                    slice_key(key, s) if self.keyed and key is not None else 0)
 
     def encode(self, x, frame, key=0):
-        for _, part, coords, nbytes, k in self._slices(key):
-            part.encode(x[coords], frame[nbytes], k)
+        return all_finite([part.encode(x[coords], frame[nbytes], k) for _, part, coords, nbytes, k in self._slices(key)])
 
     def decode(self, frame, dtype, key=0):
         out = torch.empty(self.d, dtype=dtype, device=frame.device)
@@ -329,8 +345,8 @@ class Sliced(Compressor):
             part.add_sum_(frames[:, nbytes], acc[coords], [slice_key(k, s) if self.keyed else 0 for k in keys], alpha)
 
     def encode_delta_(self, target, state, frame, key=0):
-        for _, part, coords, nbytes, k in self._slices(key):
-            part.encode_delta_(target[coords], state[coords], frame[nbytes], k)
+        return all_finite([part.encode_delta_(target[coords], state[coords], frame[nbytes], k)
+                           for _, part, coords, nbytes, k in self._slices(key)])
 
     def slice_of(self, index: int) -> "SliceOf":
         return SliceOf(self, index)
@@ -358,7 +374,7 @@ class SliceOf(Compressor):
         return slice_key(key, self.index) if self.keyed else 0
 
     def encode(self, x, frame, key=0):
-        self.part.encode(x, frame, self._key(key))
+        return self.part.encode(x, frame, self._key(key))
 
     def decode(self, frame, dtype, key=0):
         return self.part.decode(frame, dtype, self._key(key))
@@ -370,7 +386,7 @@ class SliceOf(Compressor):
         self.part.add_sum_(frames, acc, [self._key(k) for k in keys], alpha)
 
     def encode_delta_(self, target, state, frame, key=0):
-        self.part.encode_delta_(target, state, frame, self._key(key))
+        return self.part.encode_delta_(target, state, frame, self._key(key))
 
 
 def stream_key(seed: int, stream: int, step: int) -> int:

@@ -183,9 +183,9 @@ class FaultHooks:
             time.sleep(self.sleep)
 
 
-def _finite(step: WorkerStep) -> bool:
-    """The gradient and every metric value the worker brings are finite."""
-    for value in [step.grad, *(step.train or {}).values()]:
+def _finite_metrics(step: WorkerStep) -> bool:
+    """Every metric value the worker brings is finite."""
+    for value in (step.train or {}).values():
         if isinstance(value, torch.Tensor):
             if not bool(torch.isfinite(value).all()):
                 return False
@@ -237,6 +237,7 @@ class Engine:
         self._progress: ProgressLines | None = None
         self._begun = False
         self._traffic = None
+        self._logged_steps = 0  # steps whose metric values travelled to the server (train or eval rows)
 
     # ---- set-up ---------------------------------------------------------------------------------------
 
@@ -250,12 +251,16 @@ class Engine:
         finals = {"final/steps": ((1,), np.int64)}
         if self.d * n <= FINAL_PARAMS_MAX_ELEMENTS:
             finals["final/params"] = ((self.d,), np.float64)
-        for phase in PHASES:
-            finals[f"timing/worker_{phase}"] = ((n,), np.float64)
-            finals[f"timing/server_{phase}"] = ((1,), np.float64)
+        for phase in (*PHASES, "step"):
+            if phase != "step":
+                finals[f"timing/worker_{phase}"] = ((n,), np.float64)
+                finals[f"timing/server_{phase}"] = ((1,), np.float64)
+            finals[f"timing/worker_{phase}_median"] = ((n,), np.float64)
+            finals[f"timing/server_{phase}_median"] = ((1,), np.float64)
         if self.transport.traffic() is not None:
             for direction in ("inbound", "outbound"):
                 finals[f"comm/{direction}_nbytes_per_step"] = ((world,), np.float64)
+                finals[f"comm/metrics_{direction}_nbytes_per_logged_step"] = ((world,), np.float64)
         self.log.writer = MetricsWriter(out, self.attrs, flush_every=self.cfg.run.flush_every, overwrite=overwrite,
                                         resume_step=resume_step, columns=self.columns, finals=finals)
 
@@ -340,12 +345,22 @@ class Engine:
         timer.lap("metrics" if any(s.done for s in inputs) else "compute")  # the last gradient feeds the last row
         self._hooks.before_step(t, self.workers)
         stop = self.stop_requested()
-        logs = [(_portable(s.train), _portable(s.eval)) for s in inputs]
-        packed, nbytes = self.transport.pack_objects(logs)  # every worker joins the gather another one asks for
-        headers = [self._header(t, w, s, stop, nbytes) for w, s in zip(self.workers, inputs)]
+        # Every worker joins the gather another one asks for; a process with nothing to log sends no bytes.
+        packed, nbytes = None, 0
+        if any(s.train is not None or s.eval is not None for s in inputs):
+            packed, nbytes = self.transport.pack_objects([(_portable(s.train), _portable(s.eval)) for s in inputs])
+        finite = []
+        for w, s, frame in zip(self.workers, inputs, self.exchange.upload_frames(t)):
+            ok = True
+            if not s.done:
+                ok = w.algorithm.encode(s.grad, frame)
+                if ok is None:  # the encoder cannot tell on its way through the gradient
+                    ok = bool(torch.isfinite(s.grad).all())
+            finite.append(ok and _finite_metrics(s))
+        timer.lap("encode")
+        headers = [self._header(t, w, s, stop, nbytes, ok) for w, s, ok in zip(self.workers, inputs, finite)]
         timer.lap("checkpoint")  # the checks of x
-        encoders = [lambda row, w=w, s=s: w.algorithm.encode(s.grad, row) for w, s in zip(self.workers, inputs)]
-        decision, down = self.exchange.run(t, headers, encoders, stop, self._decide)
+        decision, down = self.exchange.run(t, headers, stop, self._decide)
         if Flag.ABORT in decision:
             raise AgreedError(decision.error or "the run was stopped by the server (rank 0 says why)")
         done = Flag.DONE in decision
@@ -355,11 +370,12 @@ class Engine:
             timer.lap("update")
         if decision.flags & (Flag.LOG | Flag.EVAL):
             self._record(t, decision, packed)
+            self._logged_steps += 1
         if not done:
             if self.log is not None:
                 self.log.count(*self.exchange.frames(t))
             self.step_count = t + 1
-            timer.steps += 1
+            timer.end_step()
             self._traffic = self.transport.traffic()  # per step: the optimizer steps' bytes, not the end's
             if self._bar is not None:
                 self._bar.update(1)
@@ -373,7 +389,8 @@ class Engine:
             raise RunStopped(self.step_count, self.last_checkpoint)
         return decision
 
-    def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool, metrics_nbytes: int) -> Header:
+    def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool, metrics_nbytes: int,
+                finite: bool) -> Header:
         flags = Flag.NONE
         if s.train is not None:
             flags |= Flag.LOG
@@ -385,7 +402,7 @@ class Engine:
             flags |= Flag.DONE
         if s.checkpoint:
             flags |= Flag.CHECKPOINT
-        if not _finite(s):
+        if not finite:
             flags |= Flag.NONFINITE
         checksum = 0
         if t % self.cfg.checkpoint.check_every == 0:
@@ -453,32 +470,38 @@ class Engine:
 
     def _record_timing(self) -> None:
         """timing/worker_<phase> (seconds per step of each worker's process, gathered) and
-        timing/server_<phase> (the server's process). On the in-process backend one process runs
+        timing/server_<phase> (the server's process); timing/*_<phase>_median and *_step_median: the medians
+        over the last timing.KEEP_STEPS steps of each phase and of the whole step. On the in-process backend one process runs
         everything, so each worker's row is that process's time divided by n."""
-        own = self.timer.per_step()
+        own = torch.cat([self.timer.per_step(), self.timer.medians()])
         local = len(self.workers)
-        rows = (own / local).repeat(local, 1) if local else torch.zeros(0, len(PHASES), dtype=torch.float64)
+        rows = (own / local).repeat(local, 1) if local else torch.zeros(0, own.numel(), dtype=torch.float64)
         gathered = self.transport.gather_stats(rows)
         if self.log is None or self.log.writer is None:
             return
-        for j, phase in enumerate(PHASES):
-            self.log.writer.write_array(f"timing/worker_{phase}", gathered[:, j].numpy())
-            self.log.writer.write_array(f"timing/server_{phase}", own[j:j + 1].numpy())
+        names = [*PHASES, *(f"{phase}_median" for phase in (*PHASES, "step"))]
+        for j, name in enumerate(names):
+            self.log.writer.write_array(f"timing/worker_{name}", gathered[:, j].numpy())
+            self.log.writer.write_array(f"timing/server_{name}", own[j:j + 1].numpy())
 
     def _record_traffic(self) -> None:
         """comm/inbound_nbytes_per_step and comm/outbound_nbytes_per_step, one value per rank (where bytes
         cross links): the bytes each rank received from and sent to other ranks per optimizer step, frames and
         control words, from the buffers and counts handed to the library (set-up and the run's last exchange,
-        which ends it, are not steps)."""
+        which ends it, are not steps). comm/metrics_*_nbytes_per_logged_step: the metric values' bytes (the
+        pickled values the workers send to the server) per step that logged a row, kept apart from the frames."""
         if self.transport.traffic() is None:
             return
-        own = self._traffic or (0, 0)
-        per_rank = self.transport.allgather(own)
-        steps = max(self.timer.steps, 1)
+        frames = self._traffic or (0, 0, 0, 0)
+        metrics = self.transport.traffic()  # every logged step's values, the last row's included
+        per_rank = self.transport.allgather((frames[0], frames[1], metrics[2], metrics[3]))
+        steps, logged = max(self.timer.steps, 1), max(self._logged_steps, 1)
         if self.log is not None and self.log.writer is not None:
             for j, direction in enumerate(("inbound", "outbound")):
                 self.log.writer.write_array(f"comm/{direction}_nbytes_per_step",
                                             np.array([row[j] / steps for row in per_rank], dtype=np.float64))
+                self.log.writer.write_array(f"comm/metrics_{direction}_nbytes_per_logged_step",
+                                            np.array([row[2 + j] / logged for row in per_rank], dtype=np.float64))
 
     def _record_final_params(self) -> None:
         """Gather every worker's x; the server checks the copies agree and stores worker 0's."""

@@ -1,7 +1,8 @@
 """One step's traffic, between the workers' gradients and their update: encode, exchange, aggregate.
 
-Star topology (the paper's Algorithm 1): every worker's message is the 40-byte control header followed by
-its upload frame; the server gathers the n messages (Gather), decides from the headers, aggregates the
+The local workers encode their upload frames into `upload_frames(step)` first (the frames then tell whether
+each gradient was finite, for its control header). Star topology (the paper's Algorithm 1): every worker's
+message is the 40-byte control header followed by its upload frame; the server gathers the n messages (Gather), decides from the headers, aggregates the
 frames into the download frame and broadcasts it behind the decision's header (Bcast).
 
 Sharded topology: worker s serves slice s of the vector. The headers go to every rank first (one small
@@ -57,26 +58,33 @@ class FrameExchange:
             buf = self._buffers[key] = torch.zeros(shape, dtype=torch.uint8, device=device)
         return buf
 
-    def run(self, step: int, headers: Sequence[Header], encoders: Sequence[Callable[[torch.Tensor], None]],
-            stop: bool, decide: Callable[[list[Header], bool], Decision]) -> tuple[Decision, torch.Tensor]:
-        """One step: `headers[i]` and `encoders[i]` (which writes the upload frame into the row it is given)
-        belong to this process's i-th worker; `stop` is this process's stop request. Returns the decision
-        and the download frame (valid unless the decision is DONE or ABORT)."""
-        if self.sharded:
-            return self._sharded(step, headers, encoders, stop, decide)
-        return self._star(step, headers, encoders, stop, decide)
+    def _upload_buffer(self, step: int) -> torch.Tensor:
+        """(n_local, bytes per message): star messages are the control header, then the frame."""
+        up_c = self.frames(step)[0]
+        width = up_c.frame_nbytes + (0 if self.sharded else H)
+        return self._buffer("up", (self.n_local, width), self.frame_device)
 
-    def _star(self, step, headers, encoders, stop, decide):
-        up_c, down_c = self.frames(step)
+    def upload_frames(self, step: int) -> list[torch.Tensor]:
+        """The rows the local workers encode step `step`'s upload frames into, in place, before `run`."""
+        up = self._upload_buffer(step)
+        return [up[i] if self.sharded else up[i, H:] for i in range(self.n_local)]
+
+    def run(self, step: int, headers: Sequence[Header], stop: bool,
+            decide: Callable[[list[Header], bool], Decision]) -> tuple[Decision, torch.Tensor]:
+        """One step, once the local workers have encoded into `upload_frames(step)`: `headers[i]` belongs to
+        this process's i-th worker; `stop` is this process's stop request. Returns the decision and the
+        download frame (valid unless the decision is DONE or ABORT)."""
+        if self.sharded:
+            return self._sharded(step, headers, stop, decide)
+        return self._star(step, headers, stop, decide)
+
+    def _star(self, step, headers, stop, decide):
+        down_c = self.frames(step)[1]
         timer, transport = self.timer, self.transport
-        up = self._buffer("up", (self.n_local, H + up_c.frame_nbytes), self.frame_device)
+        up = self._upload_buffer(step)
         down = self._buffer("down", (H + down_c.frame_nbytes,), self.frame_device)
         if self.n_local:
             up[:, :H].copy_(pack_headers(headers))
-        for i, encode in enumerate(encoders):
-            if Flag.DONE not in headers[i].flags:
-                encode(up[i, H:])
-        timer.lap("encode")
         messages = transport.gather_frames(up)
         timer.lap("gather")
         decision = None
@@ -103,7 +111,7 @@ class FrameExchange:
         if out is not down_frame:
             down_frame.copy_(out)
 
-    def _sharded(self, step, headers, encoders, stop, decide):
+    def _sharded(self, step, headers, stop, decide):
         up_c, down_c = self.frames(step)
         timer, transport = self.timer, self.transport
         rows = ([Header(Flag.STOP if stop else Flag.NONE, step)] if transport.is_server else []) + list(headers)
@@ -113,11 +121,7 @@ class FrameExchange:
         down = self._buffer("down", (down_c.frame_nbytes,), self.frame_device)
         if decision.flags & (Flag.DONE | Flag.ABORT) or not self.n_local:
             return decision, down
-        up = self._buffer("up", (self.n_local, up_c.frame_nbytes), self.frame_device)
-        for i, encode in enumerate(encoders):
-            encode(up[i])
-        timer.lap("encode")
-        parts = transport.scatter_slices(up, up_c.slice_nbytes)
+        parts = transport.scatter_slices(self._upload_buffer(step), up_c.slice_nbytes)
         timer.lap("gather")
         offsets = down_c.offsets
         for s, slice_server in self.slice_servers.items():

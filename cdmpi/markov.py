@@ -24,10 +24,12 @@ class MarkovSequence:
     def _key(self) -> int:
         return frame_key(self.compressor, self.seed, self.stream, self.count)
 
-    def push(self, target: torch.Tensor, frame: torch.Tensor) -> None:
-        """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes."""
-        self.compressor.encode_delta_(target, self.value, frame, self._key())
+    def push(self, target: torch.Tensor, frame: torch.Tensor) -> bool | None:
+        """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes. Returns what the
+        compressor's encode returns (whether target - w_hat was finite, where it knows)."""
+        finite = self.compressor.encode_delta_(target, self.value, frame, self._key())
         self.count += 1
+        return finite
 
     def receive(self, frame: torch.Tensor) -> None:
         """Receiver (and sender): w_hat += the decoded frame."""
@@ -83,16 +85,16 @@ class ErrorFeedback:
         self.count = 0
         self.error = torch.zeros(compressor.d, dtype=dtype, device=device)
 
-    def push(self, target: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
-        """Write C(target + e) into frame and return it as the receivers decode it."""
+    def push(self, target: torch.Tensor, frame: torch.Tensor) -> bool | None:
+        """Write C(target + e) into frame (e = 0 without memory); returns what the compressor's encode
+        returns (whether target + e was finite, where it knows)."""
         key = frame_key(self.compressor, self.seed, self.stream, self.count)
         p = target + self.error if self.memory else target
-        self.compressor.encode(p, frame, key)
-        sent = self.compressor.decode(frame, p.dtype, key)
+        finite = self.compressor.encode(p, frame, key)
         if self.memory:
-            torch.sub(p, sent, out=self.error)  # the error the next frame carries back
+            torch.sub(p, self.compressor.decode(frame, p.dtype, key), out=self.error)  # the error the next frame carries back
         self.count += 1
-        return sent
+        return finite
 
     def state_dict(self) -> dict:
         return {"error": self.error.clone(), "count": self.count}

@@ -22,6 +22,11 @@ n - 1 pairwise messages, so
 
 with aggregate the workers' mean slice work, and up_in + down_in the frame bytes the busiest worker
 receives per step (measured, comm/inbound_nbytes_per_step; else (n - 1) / n of one up and one down frame).
+
+Metric values (loss and gradient-norm shares of logged steps, gathered to rank 0) cross rank 0's link too:
+both models add metrics_bytes / B per step, the bytes rank 0 received per logged step
+(comm/metrics_inbound_nbytes_per_logged_step) times the fraction of steps that logged a row. The table
+shows them apart (metrics bytes/step), so what a run's logging costs on a slow link is visible.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ def measured(path: str | Path) -> dict:
         link_bytes = float(np.max(inbound)) if inbound is not None else (n - 1) / n * (up_bytes + down_bytes) / n
     else:  # the frames and each message's control word
         link_bytes = up_bytes + down_bytes + 2 * n * HEADER_NBYTES
+    per_logged = run.get("comm", {}).get("metrics_inbound_nbytes_per_logged_step")
+    logged = len(train["step"]) + len(run.get("eval", {}).get("step", ()))
+    metrics_bytes = float(per_logged[0]) * min(logged, steps) / steps if per_logged is not None else 0.0
     return {"path": str(path), "algorithm": attrs["algorithm"], "compressor": attrs["compressor"],
             "topology": "sharded" if sharded else "star",
             "n_workers": n, "dim": int(attrs["dim"]), "backend": attrs["backend"],
@@ -74,7 +82,7 @@ def measured(path: str | Path) -> dict:
             # a time is never negative (in process, nothing is waited for and the difference is noise)
             "communicate": max(0.0, float(np.mean(timing["worker_gather"]) + np.mean(timing["worker_broadcast"])
                                           - (0.0 if sharded else aggregate))),
-            "up_bytes": up_bytes, "down_bytes": down_bytes, "link_bytes": link_bytes}
+            "up_bytes": up_bytes, "down_bytes": down_bytes, "link_bytes": link_bytes, "metrics_bytes": metrics_bytes}
 
 
 def star_step(m: dict, gbit_per_s: float, latency: float) -> float:
@@ -82,12 +90,13 @@ def star_step(m: dict, gbit_per_s: float, latency: float) -> float:
     bytes_per_s = gbit_per_s * 1e9 / 8
     messages = m["n_workers"] - 1 if m.get("topology") == "sharded" else 1
     return (m["compute"] + m["encode"] + m["aggregate"] + m["update"] + 2 * messages * latency
-            + m["link_bytes"] / bytes_per_s)
+            + (m["link_bytes"] + m.get("metrics_bytes", 0.0)) / bytes_per_s)
 
 
 def ring_allreduce_step(m: dict, gbit_per_s: float, latency: float) -> float:
     n, bytes_per_s = m["n_workers"], gbit_per_s * 1e9 / 8
-    return m["compute"] + m["update"] + 2 * (n - 1) * latency + 2 * (n - 1) / n * 4 * m["dim"] / bytes_per_s
+    return (m["compute"] + m["update"] + 2 * (n - 1) * latency
+            + (2 * (n - 1) / n * 4 * m["dim"] + m.get("metrics_bytes", 0.0)) / bytes_per_s)
 
 
 def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
@@ -108,6 +117,7 @@ def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
 
 def format_table(table_rows: list[dict], bandwidths: list[float]) -> str:
     columns = [("run", "{}"), ("algorithm", "{}"), ("model", "{}"), ("n_workers", "{}"), ("dim", "{}"),
-               ("link_bytes", "{:,.0f}"), ("compute ms", "{:.3f}"), ("optimizer ms", "{:.3f}")] + \
+               ("link_bytes", "{:,.0f}"), ("metrics_bytes", "{:,.0f}"), ("compute ms", "{:.3f}"),
+               ("optimizer ms", "{:.3f}")] + \
               [(f"{b:g} Gbit/s ms", "{:.3f}") for b in bandwidths]
     return analysis.format_table(table_rows, columns)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch
 
@@ -14,11 +15,17 @@ import torch
 PHASES = ("compute", "encode", "gather", "aggregate", "broadcast", "update", "metrics", "checkpoint")
 
 
+# Steps whose phase times are kept one by one, for medians (the sums cover the whole run).
+KEEP_STEPS = 4096
+
+
 class PhaseTimer:
     def __init__(self):
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.steps = 0  # optimizer steps timed
         self._last = time.perf_counter()
+        self._at_step = [0.0] * len(PHASES)  # the sums when the last step ended
+        self._recent: deque[list[float]] = deque(maxlen=KEEP_STEPS)  # each step's seconds per phase
 
     def start(self) -> None:
         self._last = time.perf_counter()
@@ -28,6 +35,22 @@ class PhaseTimer:
         now = time.perf_counter()
         self.seconds[phase] += now - self._last
         self._last = now
+
+    def end_step(self) -> None:
+        """An optimizer step ended: its seconds per phase (since the last end) join the recent steps."""
+        now = [self.seconds[p] for p in PHASES]
+        self._recent.append([a - b for a, b in zip(now, self._at_step)])
+        self._at_step = now
+        self.steps += 1
+
+    def medians(self) -> torch.Tensor:
+        """float64 medians over the last KEEP_STEPS steps: each phase's, then the whole step's (the sum of
+        its phases), in PHASES order + 1; zeros before the first step."""
+        if not self._recent:
+            return torch.zeros(len(PHASES) + 1, dtype=torch.float64)
+        rows = torch.tensor(list(self._recent), dtype=torch.float64)
+        rows = torch.cat([rows, rows.sum(1, keepdim=True)], 1)
+        return rows.median(0).values  # torch's median of an even count is the lower of the two middle values
 
     def per_step(self) -> torch.Tensor:
         """float64 seconds per optimizer step, in PHASES order."""

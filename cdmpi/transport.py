@@ -89,7 +89,7 @@ class Transport(Protocol):
     def share(self, obj): ...
     def collect(self, obj) -> list | None: ...
     def agree(self, error: str | None) -> tuple[int, str] | None: ...
-    def traffic(self) -> tuple[int, int] | None: ...
+    def traffic(self) -> tuple[int, int, int, int] | None: ...
     def watch(self, timeout: float) -> None: ...
     def close(self) -> None: ...
     def abort(self, code: int = 1) -> None: ...
@@ -157,8 +157,8 @@ class LocalTransport:
     def pack_objects(self, objs: list) -> tuple[list, int]:
         return list(objs), 0  # handed over in memory
 
-    def gather_objects(self, packed: list, counts=None) -> list:
-        return packed
+    def gather_objects(self, packed: list | None, counts=None) -> list:
+        return packed or []
 
     def bcast_from_worker_0(self, values: list[torch.Tensor]) -> None:
         """values[i]: worker i's tensor; every one becomes worker 0's."""
@@ -219,6 +219,9 @@ class MPITransport:
         # more): the load on this rank's link.
         self.inbound_nbytes = 0
         self.outbound_nbytes = 0
+        # The same for the metric values of logged steps (the workers' pickled values, to the server).
+        self.metrics_inbound_nbytes = 0
+        self.metrics_outbound_nbytes = 0
         # The workers' communicator of the sharded topology, made here because every rank constructs the
         # transport together (setup phases may fail on one rank, so they hold no collectives).
         self._workers_comm = comm.Split(MPI.UNDEFINED if self.is_server else 0, key=self.rank)
@@ -253,8 +256,9 @@ class MPITransport:
             raise CdmpiError(f"{requested} workers asked for, but the world size {self.world_size} holds "
                              f"1 server + {self.n_workers} workers; launch with mpiexec -n {requested + 1}")
 
-    def traffic(self) -> tuple[int, int]:
-        return self.inbound_nbytes, self.outbound_nbytes
+    def traffic(self) -> tuple[int, int, int, int]:
+        """Bytes so far: (frames and control words in, out, metric values in, out) of this rank."""
+        return self.inbound_nbytes, self.outbound_nbytes, self.metrics_inbound_nbytes, self.metrics_outbound_nbytes
 
     def cuda_support(self) -> bool:
         """The MPI library's own answer (MPIX_Query_cuda_support, in Open MPI and MPICH); False if absent."""
@@ -467,21 +471,24 @@ class MPITransport:
         payload = pickle.dumps(list(objs), protocol=pickle.HIGHEST_PROTOCOL)
         return payload, len(payload)
 
-    def gather_objects(self, packed: bytes, counts: Sequence[int] | None) -> list | None:
+    def gather_objects(self, packed: bytes | None, counts: Sequence[int] | None) -> list | None:
         """One Gatherv of every worker's packed objects to the server (counts: each worker's size, known at
-        the server from the control words), in worker order."""
+        the server from the control words), in worker order. A worker with nothing to send passes None."""
         mpi = self._mpi
         if not self.is_server:
+            packed = packed or b""
             with self._waiting("Gatherv"):
                 self.comm.Gatherv([packed, len(packed), mpi.BYTE], None, root=0)
+            self.metrics_outbound_nbytes += len(packed)
             return None
         counts = [0, *counts]
         offsets = _offsets(counts)
         recv = bytearray(offsets[-1])
         with self._waiting("Gatherv"):
             self.comm.Gatherv(mpi.IN_PLACE, [recv, (counts, offsets[:-1]), mpi.BYTE], root=0)
+        self.metrics_inbound_nbytes += offsets[-1]
         view = memoryview(recv)
-        return [obj for r in range(1, self.world_size)
+        return [obj for r in range(1, self.world_size) if counts[r]
                 for obj in pickle.loads(view[offsets[r]:offsets[r + 1]])]
 
     def share(self, obj):

@@ -192,11 +192,13 @@ def _compile():
 
 
 def compiled(d: int, *tensors: torch.Tensor):
-    """The compiled kernels if they may run on these tensors (contiguous, CPU) at length d, else None."""
+    """The compiled kernels if they may run on these tensors at length d, else None. They take CPU tensors
+    whose rows are contiguous: 1-D vectors, and row-strided 2-D frames such as the star server's
+    messages[:, H:] (the frames behind their control words), as they lie, without a copy."""
     if not USE_NUMBA or d < NUMBA_MIN_D:
         return None
     for t in tensors:
-        if not (t.is_cpu and t.is_contiguous()):
+        if not (t.is_cpu and (t.is_contiguous() or t.stride(-1) == 1)):
             return None
     if _kernels is None:
         _compile()

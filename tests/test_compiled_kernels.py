@@ -123,3 +123,40 @@ def test_zero_vector_gives_zero_scale_and_all_ones(monkeypatch):
     torch_out, compiled_out = both_paths(monkeypatch, run)
     assert_same_bits(torch_out, compiled_out)
     assert compiled_out[0][:4].tolist() == [0, 0, 0, 0] and (compiled_out[0][4:-1] == 255).all()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_row_strided_frames_take_the_compiled_path_with_the_same_bits(monkeypatch, n):
+    """The star server sums messages[:, H:], the frames behind their control words: rows of a wider buffer.
+    The kernels take them as they lie (no copy) and give the bits of the contiguous frames."""
+    d, header = wire.CHUNK + 77, 40
+    c = compress.make("scaled_sign", d)
+    messages = torch.zeros(n, header + c.frame_nbytes, dtype=torch.uint8)
+    for i in range(n):
+        c.encode(torch.randn(d, generator=torch.Generator().manual_seed(i)), messages[i, header:])
+    strided = messages[:, header:]
+    assert n == 1 or not strided.is_contiguous()
+    assert wire.compiled(d, strided) is not None
+    acc0 = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    acc_strided, acc_contiguous = acc0.clone(), acc0.clone()
+    c.add_sum_(strided, acc_strided, [0] * n, alpha=1.0 / n)
+    monkeypatch.setattr(wire, "USE_NUMBA", False)
+    c.add_sum_(strided.contiguous(), acc_contiguous, [0] * n, alpha=1.0 / n)
+    assert torch.equal(acc_strided, acc_contiguous)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("d", [100, 3 * wire.CHUNK + 5])
+def test_scaled_sign_encode_reports_a_non_finite_coordinate(monkeypatch, bad, d):
+    """The encoder's answer replaces a separate isfinite pass over the gradient: on both paths it is True for
+    a finite vector and False when any coordinate is nan or +-inf."""
+    c = compress.make("scaled_sign", d)
+    for use_numba in (True, False):
+        monkeypatch.setattr(wire, "USE_NUMBA", use_numba)
+        x = torch.randn(d, generator=torch.Generator().manual_seed(1))
+        assert c.encode(x, c.new_frame()) is True
+        state = torch.zeros(d)
+        assert c.encode_delta_(x, state, c.new_frame()) is True
+        x[d // 2 + 1] = bad
+        assert c.encode(x, c.new_frame()) is False
+        assert c.encode_delta_(x, torch.zeros(d), c.new_frame()) is False

@@ -49,6 +49,9 @@ def test_quadratic_mpi_bytes_timing_and_projection(tmp_path):
         assert fh["train/bits_up"][-1] == 8 * N * frame * STEPS
         assert fh["train/bits_down"][-1] == 8 * N * frame * STEPS
         t = {k: fh["timing"][k][()] for k in fh["timing"]}
+        # rows at steps 0, 3 and 6: the metric bytes rank 0 receives on a logged step, over the 6 steps
+        metrics_bytes = fh["comm/metrics_inbound_nbytes_per_logged_step"][0] * 3 / STEPS
+        assert len(fh["train/step"]) == 3 and metrics_bytes > N * 8 * (D + 1) * 3 / STEPS
         assert t["worker_compute"].shape == (N,) and t["server_aggregate"].shape == (1,)
         assert all(np.isfinite(v).all() and (v >= 0).all() for v in t.values())  # a time, never negative
 
@@ -58,10 +61,10 @@ def test_quadratic_mpi_bytes_timing_and_projection(tmp_path):
     per_step = 2 * N * (HEADER_NBYTES + frame)  # messages up and down through rank 0's link
     fixed = t["worker_compute"].mean() + t["worker_encode"].mean() + t["server_aggregate"][0] + t["worker_update"].mean()
     for gbit in (1, 100):
-        expected = fixed + 2e-5 + per_step * 8 / (gbit * 1e9)
+        expected = fixed + 2e-5 + (per_step + metrics_bytes) * 8 / (gbit * 1e9)
         np.testing.assert_allclose(star[f"{gbit} Gbit/s ms"], 1e3 * expected, rtol=1e-9)
         expected_ring = (t["worker_compute"].mean() + t["worker_update"].mean() + 2 * (N - 1) * 1e-5
-                         + 2 * (N - 1) / N * 4 * D * 8 / (gbit * 1e9))
+                         + (2 * (N - 1) / N * 4 * D + metrics_bytes) * 8 / (gbit * 1e9))
         np.testing.assert_allclose(ring[f"{gbit} Gbit/s ms"], 1e3 * expected_ring, rtol=1e-9)
 
     bad = run_main(["project", mpi, "--bandwidth", "ten"])
@@ -79,6 +82,7 @@ def test_projection_of_a_sharded_run_uses_the_busiest_workers_bytes(tmp_path):
     assert result.returncode == 0, result.stderr
     with h5py.File(mpi) as fh:
         inbound = fh["comm/inbound_nbytes_per_step"][()]
+        metrics_bytes = fh["comm/metrics_inbound_nbytes_per_logged_step"][0] * 3 / STEPS  # 3 rows in 6 steps
         t = {k: fh["timing"][k][()] for k in fh["timing"]}
     slices = [4 + (500 + 7) // 8, 4 + (501 + 7) // 8]  # d = 1001 in two slices
     # every rank receives the 2 other ranks' control words; worker s also its own slice of the other worker's
@@ -91,5 +95,5 @@ def test_projection_of_a_sharded_run_uses_the_busiest_workers_bytes(tmp_path):
     assert sharded["model"] == "sharded (as measured)" and sharded["link_bytes"] == inbound.max()
     fixed = (t["worker_compute"].mean() + t["worker_encode"].mean() + t["worker_aggregate"].mean()
              + t["worker_update"].mean())
-    expected = fixed + 2 * (N - 1) * 1e-5 + inbound.max() * 8 / 10e9
+    expected = fixed + 2 * (N - 1) * 1e-5 + (inbound.max() + metrics_bytes) * 8 / 10e9
     np.testing.assert_allclose(sharded["10 Gbit/s ms"], 1e3 * expected, rtol=1e-9)
