@@ -36,7 +36,7 @@ from .config import Config
 from .control import Decision, Flag, Header, decide, x_checksum
 from .errors import AgreedError, CdmpiError, RunStopped
 from .exchange import FrameExchange
-from .metrics import TRAIN_COLUMNS, MetricsWriter
+from .metrics import TRAIN_COLUMNS, MetricsWriter, Share
 from .timing import PHASES, PhaseTimer
 
 FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
@@ -186,7 +186,10 @@ class FaultHooks:
 def _finite_metrics(step: WorkerStep) -> bool:
     """Every metric value the worker brings is finite."""
     for value in (step.train or {}).values():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, Share):
+            if not value.finite():
+                return False
+        elif isinstance(value, torch.Tensor):
             if not bool(torch.isfinite(value).all()):
                 return False
         elif isinstance(value, np.ndarray):
@@ -203,7 +206,9 @@ def _portable(values: dict | None) -> dict | None:
         return None
     out = {}
     for key, value in values.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, Share):
+            value = value.portable()
+        elif isinstance(value, torch.Tensor):
             value = value.detach().cpu()
             value = float(value) if value.dim() == 0 else value.numpy()
         out[key] = value

@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -223,6 +224,38 @@ class MetricsWriter:
 
 # ---- rows from the workers' values ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Share:
+    """A worker's share of a sum over workers, as it travels to the server: `body` in the worker's compute
+    dtype (4 bytes a value for float32 runs, not float64's 8), after optional float64 `head` values. Its
+    value is cat(head, float64(body)) / divisor: the float64 operations the worker would have done itself,
+    done by the server, so the row has the same bits and the link carries half the bytes."""
+
+    body: object  # torch.Tensor or np.ndarray
+    divisor: int | float = 1
+    head: object = None  # float64 values, or None
+
+    def value(self) -> torch.Tensor:
+        body = torch.as_tensor(self.body).to(torch.float64)
+        if self.head is not None:
+            body = torch.cat([torch.as_tensor(self.head, dtype=torch.float64).reshape(-1), body])
+        return body / self.divisor
+
+    def portable(self) -> "Share":
+        """The same share with host NumPy arrays (what is pickled under MPI)."""
+        def host(t):
+            return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t
+        return Share(host(self.body), self.divisor, host(self.head))
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(torch.as_tensor(part)).all()) for part in (self.body, self.head)
+                   if part is not None)
+
+
+def _float64(value) -> torch.Tensor:
+    return value.value() if isinstance(value, Share) else torch.as_tensor(value, dtype=torch.float64)
+
+
 def _ordered_sum(values: list):
     total = values[0].clone() if isinstance(values[0], torch.Tensor) else values[0]
     for value in values[1:]:
@@ -254,7 +287,7 @@ def sum_of_shares(values: list[dict]) -> dict:
     keys = list(dict.fromkeys(k for v in values for k in v))
     row = {}
     for key in keys:
-        total = _ordered_sum([torch.as_tensor(v[key], dtype=torch.float64) for v in values if key in v])
+        total = _ordered_sum([_float64(v[key]) for v in values if key in v])
         if key.startswith("loss_and_grad"):
             suffix = key.removeprefix("loss_and_grad")
             row["loss" + suffix] = float(total[0])

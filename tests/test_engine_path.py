@@ -93,10 +93,11 @@ def test_mpi_run_takes_the_compiled_kernels_on_every_rank(tmp_path, topology):
         check(per_rank[0])
         assert any(dims == [2, 1] and ok for _, dims, ok in per_rank[0])
     run = metrics.read(tmp_path / "run.h5")
-    # Metric values travel apart from the frames: rows at steps 0, 2 and 3, each worker's float64 share
-    # [f_i, g_i] of d + 1 values plus a little pickle framing; rank 0 receives what the workers send.
+    # Metric values travel apart from the frames: rows at steps 0, 2 and 3, each worker's share [f_i, g_i]
+    # as f_i in float64 and g_i in the run's float32 (metrics.Share: half of float64's bytes) plus a little
+    # pickle framing; rank 0 receives what the workers send.
     comm = run["comm"]
-    share = 8 * (D + 1)
+    share = 8 + 4 * D
     inbound, outbound = comm["metrics_inbound_nbytes_per_logged_step"], comm["metrics_outbound_nbytes_per_logged_step"]
     assert list(run["train"]["step"]) == [0, 2, 3]
     assert 2 * share < inbound[0] < 2 * share + 2000 and list(inbound[1:]) == [0, 0]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CdmpiError
+from ..metrics import Share
 from .sampling import RandomRows
 
 MAX_DENSE_ELEMENTS = 400_000_000  # 3.2 GB in float64 per shard
@@ -57,7 +58,7 @@ class LogRegShard:
 
     def evaluate(self, x: torch.Tensor, rows: torch.Tensor | None = None, want_share: bool = False):
         """(g_i, shares): the local gradient (over `rows`, or all rows) and, if asked, the metric shares
-        {"loss_and_grad": [loss share, gradient share...]} in float64."""
+        {"loss_and_grad": [loss share, gradient share...]}, summed in float64 at the server."""
         a = self.features if rows is None else self.features.index_select(0, rows)
         y = self.labels if rows is None else self.labels.index_select(0, rows)
         margin = y * (a @ x)
@@ -73,6 +74,7 @@ class LogRegShard:
                 f_i = loss_sum / a.shape[0] + reg_value
                 all_rows = torch.cat([(loss_sum / self.n_total + reg_value / self.n_workers).reshape(1),
                                       grad_sum / self.n_total + reg_grad / self.n_workers])
-                share = {"loss_and_grad": torch.cat([f_i.reshape(1), grad]).to(torch.float64) / self.n_workers,
-                         "loss_and_grad_all_rows": all_rows.to(torch.float64)}
+                # in the compute dtype; the server converts to float64 and divides (metrics.Share)
+                share = {"loss_and_grad": Share(torch.cat([f_i.reshape(1), grad]), self.n_workers),
+                         "loss_and_grad_all_rows": Share(all_rows)}
         return grad, share

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..metrics import Share
 from .sampling import RandomRows
 
 
@@ -33,10 +34,10 @@ class QuadraticShard:
 
     def evaluate(self, x: torch.Tensor, rows=None, want_share: bool = False):
         """(g_i, shares): g_i = x - c_i (in a buffer reused every step); shares {"loss_and_grad":
-        [f_i / n, g_i / n]} in float64."""
+        [f_i / n, g_i / n]} in float64, g_i travelling in the compute dtype (metrics.Share)."""
         torch.sub(x, self.center, out=self.grad)
         share = None
         if want_share:
             g = self.grad.to(torch.float64)
-            share = {"loss_and_grad": torch.cat([(0.5 * torch.dot(g, g)).reshape(1), g]) / self.n_workers}
+            share = {"loss_and_grad": Share(self.grad.clone(), self.n_workers, head=(0.5 * torch.dot(g, g)).reshape(1))}
         return self.grad, share
