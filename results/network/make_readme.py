@@ -1,0 +1,104 @@
+"""results/network/README.md and step_time.png from results.json (written by bench/network.py).
+
+    python results/network/make_readme.py [results/network/results.json]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+from cdmpi import project  # noqa: E402
+
+ALLREDUCE = "AMSGrad, fp32 ring Allreduce"
+RATES = {"100mbit": 0.1, "1gbit": 1.0, "10gbit": 10.0, "none": None}
+COLOURS = {"CD-Adam, star": "tab:red", "CD-Adam, sharded": "tab:orange", "AMSGrad, fp32 frames (star)": "tab:blue",
+           ALLREDUCE: "tab:purple", "1-bit Adam (after 1 warm-up step)": "tab:green", "EF21 (top-k 1.6%)": "tab:brown"}
+
+
+def ms(s: float) -> str:
+    return f"{1e3 * s:,.0f}"
+
+
+def predicted(entry: dict, name: str, gbit: float | None) -> float | None:
+    if gbit is None:
+        return None
+    r = entry[name]
+    if name == ALLREDUCE:
+        m = {"compute": r["median"]["compute"], "update": r["median"]["update"], "n_workers": r["n_workers"],
+             "dim": r["dim"]}
+        return project.ring_allreduce_step(m, gbit, 0.0)
+    return project.star_step(r["model"], gbit, 0.0)
+
+
+def rate_table(rate: str, entry: dict) -> str:
+    gbit = RATES.get(rate)
+    head = ("| method | median step ms | compute | encode | gather | aggregate | broadcast | update | "
+            "bytes per step on the busiest link (in + out) | metric bytes per logged step at rank 0 | "
+            "`cdmpi project` ms | project / measured |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in entry.items():
+        if name == "check":
+            continue
+        md = r["median"]
+        p = predicted(entry, name, gbit)
+        ratio = f"{p / md['step']:.2f}" if p else "–"
+        if name == ALLREDUCE:
+            lines.append(f"| {name} | {ms(md['step'])} | {ms(md['compute'])} | – | {ms(md['allreduce'])} (Allreduce) "
+                         f"| – | – | {ms(md['update'])} | {2 * r['link_nbytes_per_step']:,.0f} | – | "
+                         f"{ms(p) if p else '–'} | {ratio} |")
+        else:
+            lines.append(f"| {name} | {ms(md['step'])} | {ms(md['compute'])} | {ms(md['encode'])} | {ms(md['gather'])} "
+                         f"| {ms(md['aggregate'])} | {ms(md['broadcast'])} | {ms(md['update'])} | "
+                         f"{r['rank0_link_nbytes']:,.0f} | {r['metrics_nbytes_per_logged_step']:,.0f} | "
+                         f"{ms(p) if p else '–'} | {ratio} |")
+    return "\n".join(lines)
+
+
+def figure(results: dict, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    shaped = [r for r in ("100mbit", "1gbit", "10gbit") if r in results["rates"]]
+    names = [n for n in COLOURS if all(n in results["rates"][r] for r in shaped)]
+    for name in names:
+        xs = [RATES[r] for r in shaped]
+        ys = [results["rates"][r][name]["median"]["step"] for r in shaped]
+        ax.plot(xs, ys, "o-", color=COLOURS[name], label=name)
+        if "none" in results["rates"] and name in results["rates"]["none"]:
+            ax.axhline(results["rates"]["none"][name]["median"]["step"], color=COLOURS[name], ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate of every node (Gbit/s, tc tbf)")
+    ax.set_ylabel("median step (s)")
+    ax.set_title(f"Step time against link rate: quadratic, d = {results['dim']:,}, {results['workers']} workers\n"
+                 "(dotted: the same run on unshaped links)", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results.json"
+    results = json.loads(path.read_text())
+    figure(results, HERE / "step_time.png")
+    parts = []
+    for rate, entry in results["rates"].items():
+        if len(entry) <= 1:
+            continue
+        check = " ".join(entry.get("check", []))
+        parts.append(f"### {rate if rate != 'none' else 'unshaped links'}\n\nThroughput check: `{check}`\n\n"
+                     f"{rate_table(rate, entry)}\n")
+    Path(HERE / "tables.md").write_text("\n".join(parts))
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
