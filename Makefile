@@ -24,7 +24,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test test-fast clean reproduce-logreg reproduce-digits gpu-check bench docs
+.PHONY: install demo test test-fast clean reproduce-logreg reproduce-digits reproduce-network gpu-check bench docs
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ reproduce-logreg: install
 # Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 5 minutes).
 reproduce-digits: install
 	BIN=$(BIN) results/digits/reproduce.sh
+
+# Step times on an emulated cluster (root: network namespaces and tc), every method at 100 Mbit/s, 1 and
+# 10 Gbit/s and unshaped, digits to 90% at 100 Mbit/s and 1 Gbit/s, the cost of metric rows: about
+# 25 minutes on 2 cores. Writes results/network/ (README tables, results.json, step_time.png).
+reproduce-network: install
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) bench/network.py
+	$(PY) results/network/make_readme.py
 
 # On a machine with a GPU: tests on CUDA, packing throughput, 200 ResNet-18 steps (under 5 minutes).
 gpu-check: install

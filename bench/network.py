@@ -93,11 +93,17 @@ def engine_run(path: Path, n: int, d: int) -> dict:
     m = project.measured(path)
     for p in ("compute", "encode", "aggregate", "update"):  # the model, fed the medians
         m[p] = median[p]
+    if not sharded:  # the median step's frames: after 1-bit Adam's fp32 warm-up, which the run's mean includes
+        m["link_bytes"] = n * (2 * H + int(attrs["up_frame_nbytes"]) + int(attrs["down_frame_nbytes"]))
     m["metrics_bytes"] = 0.0  # the median step is one that logs nothing (rows at the first and last step only)
     return {"median": median, "steps": steps, "inbound_nbytes_per_step": inbound.tolist(),
             "outbound_nbytes_per_step": comm["outbound_nbytes_per_step"].tolist(), "rank0_link_nbytes": link,
             "metrics_nbytes_per_logged_step": float(comm["metrics_inbound_nbytes_per_logged_step"][0]),
             "hosts": attrs["hosts"], "model": m}
+
+
+def _tag(rate: str, name: str) -> str:
+    return f"{rate}-{name.split(',')[0].split(' (')[0].replace(' ', '_')}" + ("-sharded" if "sharded" in name else "")
 
 
 def digits_run(path: Path) -> dict:
@@ -131,6 +137,9 @@ def main() -> None:
                              "cores, so a spinning rank would take CPU from the ranks it waits for; on a real "
                              "cluster each node has cores of its own")
     parser.add_argument("--out", default=str(REPO / "results" / "network" / "results.json"))
+    parser.add_argument("--reread", action="store_true",
+                        help="no runs: read the metrics files of --runs-dir again into --out (after a change of "
+                             "what is taken from them)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/network.py: needs root (network namespaces and tc)")
@@ -145,6 +154,14 @@ def main() -> None:
     results.update(workers=n, dim=d, steps=args.steps)
     results.setdefault("commands", []).append("python bench/network.py " + " ".join(map(shlex.quote, sys.argv[1:])))
     started = time.monotonic()
+    if args.reread:
+        for rate, entry in results["rates"].items():
+            for name in entry:
+                if name in METHODS:
+                    target = runs / f"{_tag(rate, name)}.h5"
+                    entry[name] = {**engine_run(target, n, d), "wall_seconds": entry[name].get("wall_seconds")}
+        out.write_text(json.dumps(results, indent=1))
+        return
     try:
         for rate in dict.fromkeys(args.rates + args.digits_rates + args.metrics_rates):
             sh(NETCLUSTER, "up", "--nodes", n + 1, "--rate", rate)
@@ -153,8 +170,7 @@ def main() -> None:
             entry["check"] = (checked.stdout + checked.stderr).strip().splitlines()[-1:]
             if rate in args.rates:
                 for name in args.methods:
-                    tag = f"{rate}-{name.split(',')[0].split(' (')[0].replace(' ', '_')}" + \
-                          ("-sharded" if "sharded" in name else "")
+                    tag = _tag(rate, name)
                     t0 = time.monotonic()
                     if name == ALLREDUCE:
                         target = runs / f"{tag}-allreduce.json"

@@ -20,4 +20,5 @@ fi
 "$PYTHON" bench/metrics_flush.py ${BASELINE:+--baseline "$BASELINE"}
 "$PYTHON" bench/watchdog_cost.py
 "$PYTHON" bench/startup.py
+"$PYTHON" bench/engine_phases.py
 "$PYTHON" bench/collect.py
