@@ -40,7 +40,7 @@ from . import checkpoint, config, devices, engine as engines, launcher, log, run
 from .config import Config
 from .engine import Engine, WorkerStep
 from .errors import EXIT_BAD_INPUT, AgreedError, CdmpiError, RunStopped, SetupFailed
-from .metrics import mean_of_workers
+from .rows import mean_of_workers
 from .signals import StopOnSigterm
 from .problems.classifier import flatten_
 

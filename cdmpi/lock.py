@@ -40,6 +40,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_alive_anywhere(holder: dict) -> bool:
+    """Whether the holder may still run: on another host we cannot tell, so it may."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        return _pid_alive(int(holder.get("pid", -1)))
+    except (TypeError, ValueError):
+        return False
+
+
 def describe(holder: dict) -> str:
     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}{job}"
@@ -66,10 +76,24 @@ class RunLock:
             return {}
 
     def acquire(self) -> None:
-        """Take the lock, or raise CdmpiError naming the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock, or raise CdmpiError naming the run that holds it (or why it cannot be made)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CdmpiError(f"cannot make the folder of {self.path.with_suffix('')}: {err.strerror or err} "
+                             f"({self.path.parent}); choose an --out in a folder you can write") from None
         for _ in range(3):  # a holder may release (and remove the file) between our open and our flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                holder = self._holder()
+                if holder:  # another user's lock file: say whose run it is
+                    state = "in use by" if not self._stale(holder) and _pid_alive_anywhere(holder) else \
+                        "locked by a file of an ended run of"
+                    raise CdmpiError(f"{self.path.with_suffix('')} is {state} another user's run "
+                                     f"({describe(holder)}); {err.strerror}: {self.path}") from None
+                raise CdmpiError(f"cannot write {self.path}: {err.strerror or err}; choose an --out in a folder "
+                                 f"you can write") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -89,6 +113,10 @@ class RunLock:
             if not same:  # the file we locked was removed by its holder on release: take the new one
                 os.close(fd)
                 continue
+            try:  # other users may take over the lock of a run that died (umask would make it 0644)
+                os.fchmod(fd, 0o666)
+            except OSError:
+                pass
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(self.me).encode())
             os.fsync(fd)

@@ -53,6 +53,12 @@ def on_server(transport, work: Callable[[], None]) -> None:
             work()
         except CdmpiError as err:
             error = str(err)
+        except OSError as err:  # a file the server could not make: the workers must not wait for it
+            where = f" {err.filename}" if err.filename else ""
+            error = f"cannot write{where}: {err.strerror or err}"
+        except Exception as err:  # noqa: BLE001 - every rank must leave this phase together
+            traceback.print_exc()
+            error = describe(err)
     error = transport.share(error)
     if error is not None:
         raise CdmpiError(error)
