@@ -44,7 +44,7 @@ def _train_parser(sub) -> None:
                    f"  {a.name:<14} [{', '.join(a.compressors)}] {a.description}"
                    for a in catalog.ALGORITHMS.values()),
         formatter_class=_Formatter)
-    p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
+    p.add_argument("config", help="TOML config file (see configs/ and docs/configuration.md)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",
                    help="mpi: one process per rank; local: all workers in this process; "
                         "auto: mpi when started by an MPI launcher, else local")
@@ -155,7 +155,7 @@ def _project_parser(sub) -> None:
                     "links of the given bandwidths: measured compute, encode, aggregate and update times "
                     "plus latency and the bytes per step through rank 0's link (star topology), and for "
                     "comparison an fp32 ring Allreduce of the same d with the same compute. The model is "
-                    "in cdmpi/project.py and the README.",
+                    "in docs/performance.md.",
         formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="HDF5 metrics files")
     p.add_argument("--bandwidth", default="1,10,100", help="link bandwidths in Gbit/s, comma-separated")
