@@ -17,11 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 from cdmpi import project  # noqa: E402
+from cdmpi.plot import method_colour  # noqa: E402
 
 ALLREDUCE = "AMSGrad, fp32 ring Allreduce"
 RATES = {"100mbit": 0.1, "1gbit": 1.0, "10gbit": 10.0, "none": None}
-COLOURS = {"CD-Adam, star": "tab:red", "CD-Adam, sharded": "tab:orange", "AMSGrad, fp32 frames (star)": "tab:blue",
-           ALLREDUCE: "tab:purple", "1-bit Adam (after 1 warm-up step)": "tab:green", "EF21 (top-k 1.6%)": "tab:brown"}
+COLOURS = {"CD-Adam, star": method_colour("cdadam"), "CD-Adam, sharded": method_colour("cdadam", "sharded"),
+           "AMSGrad, fp32 frames (star)": method_colour("amsgrad"), ALLREDUCE: method_colour("amsgrad", "allreduce"),
+           "1-bit Adam (after 1 warm-up step)": method_colour("onebit-adam"), "EF21 (top-k 1.6%)": method_colour("ef21")}
 
 
 def ms(s: float) -> str:
