@@ -236,27 +236,88 @@ def _attr(name: str, value, decode: bool):
     return value
 
 
+def _truncated(path: Path) -> bool:
+    """Whether the file is shorter than its HDF5 superblock says (version 2 and 3 superblocks, which cdmpi
+    writes, keep the end-of-file address at byte 28). An SWMR reader of a truncated file can retry for
+    minutes; this check answers at once."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(36)
+    except OSError:
+        return False
+    if len(head) < 36 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[9] != 8:
+        return False
+    end = int.from_bytes(head[28:36], "little")
+    return path.stat().st_size < end
+
+
+def open_file(path: str | Path) -> h5py.File:
+    """A metrics file opened for reading: a finished one plainly (a damaged or foreign file fails at once),
+    one being written, or whose writer died, as an SWMR reader (HDF5 refuses a plain open of those)."""
+    path = Path(path)
+    if _truncated(path):
+        raise OSError(f"truncated file: {path.stat().st_size} bytes, shorter than its HDF5 superblock says")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as err:
+        text = str(err)
+        if "consistency flags" not in text and "already open for write" not in text:
+            raise
+    return h5py.File(path, "r", swmr=True, locking=False)
+
+
+def _group(fh: h5py.File, name: str, path: Path) -> dict:
+    """A group's 1-D numeric datasets, read whole; links (soft, external) are not followed, and a dataset
+    that is not a column (strings, compounds, 2-D) or declares far more rows than the file could hold is
+    refused."""
+    return {key: ds[()] for key, ds in datasets(fh, name, path).items()}
+
+
+def datasets(fh: h5py.File, name: str, path: Path) -> dict:
+    """The checked datasets of group `name` (see _group), not read."""
+    out = {}
+    group = fh[name]
+    for key in group:
+        link = group.get(key, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} is a link")
+        ds = group[key]
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        if ds.dtype.kind not in "iuf" or (name in CORE_COLUMNS and ds.ndim != 1):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} is not a column of numbers "
+                             f"({ds.dtype}, shape {ds.shape})")
+        if ds.size * ds.dtype.itemsize > 64 * path.stat().st_size + (1 << 20):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} declares {ds.size} values, far "
+                             f"more than its {path.stat().st_size} bytes hold")
+        out[key] = ds
+    return out
+
+
 def read(path: str | Path, retry_seconds: float = 5.0, decode: bool = True) -> dict:
     """{'attrs': {...}, 'train': {column: ndarray}, ...} of one metrics file, finished or being written
-    (opened as an SWMR reader). An open that fails while the writer adds a column is retried. The attributes
-    in JSON_ATTRS come back decoded (unless decode=False): attrs['config'] is the run's config as a dict."""
+    (see open_file). An open that fails while the writer adds a column is retried. The attributes
+    in JSON_ATTRS come back decoded (unless decode=False): attrs['config'] is the run's config as a dict.
+    A file that is not a whole cdmpi metrics file (truncated, foreign, hostile) is a CdmpiError."""
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
-            with h5py.File(path, "r", swmr=True, locking=False) as fh:
+            with open_file(path) as fh:
                 attrs = {k: _attr(k, v, decode) for k, v in fh.attrs.items()}
-                groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
-                          if isinstance(fh[g], h5py.Group)}
+                groups = {g: _group(fh, g, path) for g in fh.keys()
+                          if isinstance(fh.get(g, getlink=True), h5py.HardLink) and isinstance(fh[g], h5py.Group)}
             break
         except OSError as err:
-            if time.monotonic() > deadline or not path.is_file():
+            if "truncated" in str(err) or time.monotonic() > deadline or not path.is_file():
                 raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
             time.sleep(0.05)
-    if "train" not in groups:
-        raise CdmpiError(f"{path} is not a cdmpi metrics file (no /train group)")
+        except (ValueError, TypeError, KeyError, RecursionError) as err:  # attributes or JSON that are not cdmpi's
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {type(err).__name__}: {err}") from None
+    if "train" not in groups or "step" not in groups["train"]:
+        raise CdmpiError(f"{path} is not a cdmpi metrics file (no /train/step)")
     for columns in groups.values():  # a row is whole once every column has it (a flush cut short by a crash)
         if "step" in columns:
             rows = min(len(values) for values in columns.values())

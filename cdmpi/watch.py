@@ -15,8 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-import h5py
-
+from . import metrics
 from .errors import CdmpiError
 
 SHOWN = ("loss", "grad_norm_sq", "accuracy")
@@ -24,16 +23,16 @@ SHOWN = ("loss", "grad_norm_sq", "accuracy")
 
 def _snapshot(path: Path) -> dict:
     """The file's run, whether it finished (final/steps, read first), its last rows and planned steps."""
-    with h5py.File(path, "r", swmr=True, locking=False) as fh:
+    with metrics.open_file(path) as fh:
         steps = fh.get("final/steps")
         final = int(steps[0]) if steps is not None and len(steps) else -1
-        train = fh["train"]
-        for ds in train.values():
-            ds.refresh()
+        train = metrics.datasets(fh, "train", path)
+        if "step" not in train:
+            raise KeyError("no /train/step")
         rows = min(ds.shape[0] for ds in train.values())
         last = {name: ds[rows - 1].item() for name, ds in train.items()} if rows else {}
-        ev = fh.get("eval")
-        if ev is not None and len(ev):
+        ev = metrics.datasets(fh, "eval", path) if "eval" in fh else None
+        if ev:
             count = min(ds.shape[0] for ds in ev.values())
             if count and "accuracy" in ev:
                 last["accuracy"] = ev["accuracy"][count - 1].item()
@@ -75,11 +74,13 @@ def watch(path: str | Path, interval: float = 1.0, wait: float = 60.0) -> int:
     snap, announced = None, None
     while True:  # a readable file of the run that holds the lock (or of a run that no longer runs)
         if path.is_file():
+            holder = _holder(path)
             try:
                 snap = _snapshot(path)
-            except (OSError, KeyError):  # being made, or the writer is adding a column this instant
+            except (OSError, KeyError, ValueError) as err:  # being made, or the writer adds a column this instant
                 snap = None
-            holder = _holder(path)
+                if holder is None:  # no run is writing it: it will not get better
+                    raise CdmpiError(f"{path} is not a readable cdmpi metrics file: {err}") from None
             if snap is not None and (holder is None or snap["writer"] is None or _same(holder, snap["writer"])):
                 break
             if holder is not None and announced is None:
