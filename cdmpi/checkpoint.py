@@ -102,11 +102,15 @@ def _write_file(path: Path, obj: dict) -> dict:
     torch.save(obj, buffer)
     data = buffer.getvalue()
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -124,7 +128,7 @@ def save(session: Run, step: int, root: Path) -> Path | None:
             report["files"][name] = _write_file(tmp_dir / name, {"role": role, "step": step,
                                                                   "state": runtime.state_dict()})
         session.flush_metrics()  # rows before `step` are on disk whenever the checkpoint is
-    except OSError as err:
+    except (OSError, CdmpiError) as err:  # a full disk: the server removes the unfinished folder below
         report["error"] = f"rank {transport.rank}: {err}"
     reports = transport.collect(report)
     verdict = None
@@ -142,6 +146,7 @@ def save(session: Run, step: int, root: Path) -> Path | None:
         return None
     errors = [r["error"] for r in reports if "error" in r]
     if errors:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # every rank has finished writing into it (collect)
         raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
     files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
@@ -159,6 +164,7 @@ def save(session: Run, step: int, root: Path) -> Path | None:
             shutil.rmtree(final)
         os.replace(tmp_dir, final)
     except OSError as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise CdmpiError(f"cannot write checkpoint {final}: {err}") from None
     prune(root, session.cfg.checkpoint.keep)
     return final

@@ -120,7 +120,12 @@ class MetricsWriter:
             for group in dict.fromkeys([*self.columns, *rows]):
                 self._add_columns(fh, group, rows.get(group, {}))
             for name, (shape, dtype) in self.finals.items():
-                fh.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan if dtype == np.float64 else -1)
+                # storage allocated now: the first write must not change the dataset's layout under an SWMR
+                # reader that holds the file open (it then fails with "invalid dataset size")
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                fh.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan if dtype == np.float64 else -1,
+                                  dcpl=dcpl)
             fh.swmr_mode = True
             os.replace(tmp, self.path)
         except BaseException:
@@ -182,14 +187,16 @@ class MetricsWriter:
             columns = {(group, name): np.asarray([r.get(name, np.nan if dtype == np.float64 else 0)
                                                   for r in self._rows[group]], dtype=dtype)
                        for group in pending for name, dtype in self.columns[group].items()}
-            for (group, name), values in columns.items():
+            # `step` last: readers take the rows every column has, so a flush cut short (a full disk, a kill)
+            # leaves no row whose other columns read as fill values
+            for (group, name), values in sorted(columns.items(), key=lambda item: item[0][1] == "step"):
                 ds = fh[group][name]
                 start = ds.shape[0]
                 ds.resize((start + len(values),))
                 ds[start:] = values
             fh.flush()
-        except OSError as err:
-            raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
+        except (OSError, RuntimeError) as err:  # h5py reports some write failures (ENOSPC) as RuntimeError
+            raise CdmpiError(f"cannot write metrics file {self.path}: {_first_line(err)}") from None
         for rows in self._rows.values():
             rows.clear()
 
@@ -234,6 +241,10 @@ def _attr(name: str, value, decode: bool):
     if decode and name in JSON_ATTRS and isinstance(value, str):
         return json.loads(value)
     return value
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _truncated(path: Path) -> bool:
