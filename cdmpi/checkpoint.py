@@ -93,6 +93,7 @@ class Run(Protocol):
 
     def roles(self) -> dict[str, tuple[str, object]]: ...  # file name -> (role, its state_dict holder)
     def metrics_rows_before(self, step: int) -> int: ...  # train rows in the metrics file before `step`
+    def metrics_digest_before(self, step: int) -> str | None: ...  # sha256 of those rows (metrics.rows_digest)
     def checksums(self) -> dict[int, int]: ...  # worker index -> checksum of its x, for this process's workers
     def flush_metrics(self) -> None: ...
 
@@ -151,7 +152,8 @@ def save(session: Run, step: int, root: Path) -> Path | None:
     files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
     manifest = {"format_version": FORMAT_VERSION, "step": step, "run_id": session.attrs.get("run_id"),
-                "metrics_rows": session.metrics_rows_before(step), "data_path": session.attrs.get("data_path"),
+                "metrics_rows": session.metrics_rows_before(step), "metrics_sha256": session.metrics_digest_before(step),
+                "git_commit": session.attrs.get("git_commit"), "data_path": session.attrs.get("data_path"),
                 "data_sha256": session.attrs.get("data_sha256"), "n_workers": transport.n_workers,
                 "world_size": transport.world_size, "backend": transport.name, "d": session.d,
                 "config": cfg.to_dict(), "config_hash": config_hash(cfg), "files": dict(sorted(files.items())),

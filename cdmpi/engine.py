@@ -292,6 +292,10 @@ class Engine:
             self.step_count = int(manifest["step"])
         return manifest
 
+    def metrics_digest_before(self, step: int) -> str | None:
+        writer = self.log.writer if self.log is not None else None
+        return writer.digest_before(step) if writer is not None else None
+
     def metrics_rows_before(self, step: int) -> int:
         writer = self.log.writer if self.log is not None else None
         return writer.rows_before("train", step) if writer is not None else 0

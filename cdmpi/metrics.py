@@ -200,6 +200,12 @@ class MetricsWriter:
         for rows in self._rows.values():
             rows.clear()
 
+    def digest_before(self, step: int) -> str:
+        """sha256 of every flushed row before `step` (all groups and columns, in name order): a resume checks
+        that the rows it continues are the ones its checkpoint's run wrote."""
+        return rows_digest({g: {k: ds[()] for k, ds in self._fh[g].items()} for g in self._fh
+                            if isinstance(self._fh[g], h5py.Group) and "step" in self._fh[g]}, step)
+
     def rows_before(self, group: str, step: int) -> int:
         """Rows of `group` in the file (flushed) with a step before `step`."""
         if self._fh is None or group not in self._fh:
@@ -241,6 +247,22 @@ def _attr(name: str, value, decode: bool):
     if decode and name in JSON_ATTRS and isinstance(value, str):
         return json.loads(value)
     return value
+
+
+def rows_digest(groups: dict, step: int) -> str:
+    """sha256 over the rows with step < `step` of each group that has rows (groups and columns by name)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for group in sorted(groups):
+        columns = groups[group]
+        if "step" not in columns:
+            continue
+        kept = int(np.searchsorted(columns["step"], step, side="left"))
+        for name in sorted(columns):
+            digest.update(f"{group}/{name}".encode())
+            digest.update(np.ascontiguousarray(columns[name][:kept]).tobytes())
+    return digest.hexdigest()
 
 
 def _first_line(err: BaseException) -> str:

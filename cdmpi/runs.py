@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import checkpoint
+from . import __version__, checkpoint
 from .lock import RunLock, lock_path
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, AgreedError, CdmpiError, RunStopped, SetupFailed
 
@@ -100,6 +100,16 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
     checkpoint's run; later checkpoints go; or a fresh start clears an earlier run's checkpoints."""
     if manifest is not None:
         step = int(manifest["step"])
+        made_by = (manifest.get("cdmpi_version"), manifest.get("git_commit"))
+        if "git_commit" not in engine.attrs:
+            from .engine import provenance
+
+            engine.attrs.update(provenance())
+        running = (__version__, engine.attrs.get("git_commit"))
+        if made_by != running and warn is not None and (made_by[1] or made_by[0] != running[0]):
+            warn(f"the checkpoint of step {step} was written by cdmpi {made_by[0]} ({made_by[1] or 'commit unknown'}) "
+                 f"and this is cdmpi {running[0]} ({running[1] or 'commit unknown'}): the resumed run may not "
+                 f"give the bits the uninterrupted run would have")
         engine.attrs["run_id"] = manifest.get("run_id") or uuid.uuid4().hex
         if out is not None:
             _check_continues(Path(out), manifest)
@@ -140,6 +150,11 @@ def _check_continues(out: Path, manifest: dict) -> None:
     if want is not None and have != want:
         raise CdmpiError(f"metrics file {out} has {have} rows before step {manifest['step']}, but the checkpoint's "
                          f"run had written {want}: it is not the file this checkpoint continues")
+    digest = manifest.get("metrics_sha256")
+    if digest and metrics.rows_digest({g: v for g, v in run.items() if g != "attrs"}, int(manifest["step"])) != digest:
+        raise CdmpiError(f"metrics file {out}: its rows before step {manifest['step']} are not the ones the "
+                         f"checkpoint's run wrote (changed or damaged since); a resume would carry them on. "
+                         f"Restore the file, or start over with --overwrite")
 
 
 def finish(body: Callable[[], object], transport, rank: int) -> tuple[int, object]:
