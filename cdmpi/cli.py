@@ -235,7 +235,17 @@ def _checked_config(args, backend: str) -> config.Config:
         raise CdmpiError(f"--workers must be >= 1, got {args.workers}")
     if args.out is not None and Path(args.out).suffix not in (".h5", ".hdf5"):
         raise CdmpiError(f"--out {args.out}: the metrics file is HDF5; name it .h5 or .hdf5")
-    return config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides)
+    # What every rank can see alike on the shared file system, answered before torch starts (seconds
+    # under mpiexec -n 21 on loaded cores); the set-up phases check the same again, under the lock.
+    from . import data, lock
+
+    data.check_available(cfg.data.dataset)
+    if args.out is not None:
+        lock.check_free(Path(str(args.out) + ".lock"))
+        if Path(args.out).exists() and not (args.overwrite or args.resume):
+            raise CdmpiError(f"metrics file {args.out} exists; pass --overwrite or choose another --out")
+    return cfg
 
 
 class _TrainJob:

@@ -264,6 +264,17 @@ def load(dataset: str, *, n_features: int = 0, samples: int = 2000, features: in
                      f"'synthetic', or a path to a LibSVM file")
 
 
+def check_available(dataset: str) -> None:
+    """Before torch and MPI start: a dataset that cannot be had here is an error now, on every rank alike
+    (a LibSVM path that is no file; a known dataset with no local copy, no bundled one and downloads off)."""
+    if dataset in LIBSVM_SHA256:
+        if where(dataset) is None and dataset not in BUNDLED and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+            raise _not_found(dataset, f"downloads are off (${OFFLINE_ENV})")
+    elif dataset not in ("synthetic", "digits", "cifar10", "synthetic_images") and "/" in dataset \
+            and not Path(dataset).is_file():
+        raise CdmpiError(f"dataset file not found: {dataset}")
+
+
 def prefetch(dataset: str) -> None:
     """Make a known dataset local (download and check it) before the other ranks read it."""
     if dataset in LIBSVM_SHA256:

@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import CdmpiError
 
 
-def _slurm_job() -> str:
+def slurm_job() -> str:
     job = os.environ.get("SLURM_JOB_ID", "")
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
     return f"{job}_{task}" if job and task else job
@@ -50,6 +50,28 @@ def _pid_alive_anywhere(holder: dict) -> bool:
         return False
 
 
+def check_free(path: Path) -> None:
+    """Raise CdmpiError naming the holder if a live process holds the lock at `path` (without taking it:
+    a quick test before a run starts; RunLock.acquire decides)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file, or not ours to read: acquire will say
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if not (holder.get("job") and holder.get("job") == slurm_job()):  # a requeue takes its own over
+                raise CdmpiError(f"{path.with_suffix('')} is in use by another run ({describe(holder)}); wait for "
+                                 f"it to end or choose another --out") from None
+    finally:
+        os.close(fd)
+
+
 def describe(holder: dict) -> str:
     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}{job}"
@@ -61,7 +83,7 @@ class RunLock:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._fd: int | None = None
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _slurm_job(),
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job(),
                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def _stale(self, holder: dict) -> bool:

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__, checkpoint
-from .lock import RunLock, lock_path
+from .lock import RunLock, slurm_job, lock_path
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, AgreedError, CdmpiError, RunStopped, SetupFailed
 
 
@@ -120,6 +120,10 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
     else:
         step = None
         engine.attrs["run_id"] = uuid.uuid4().hex
+        if resume == "auto" and not overwrite and out is not None and _same_job_wrote(Path(out)):
+            overwrite = True  # a SLURM job requeued before its first checkpoint: start over, as it would have
+            if warn is not None:
+                warn(f"no checkpoint yet: this job ({slurm_job()}) starts {out} over from step 0")
         if root is not None and checkpoint.list_checkpoints(root):
             if resume and not overwrite:
                 raise CdmpiError(f"no checkpoint in {root} could be resumed (each is named above); pass "
@@ -130,6 +134,21 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
             checkpoint.remove_all(root)
     if out is not None:
         engine.open_metrics(out, overwrite=overwrite, resume_step=step)
+
+
+def _same_job_wrote(out: Path) -> bool:
+    """Whether the metrics file at `out` was written by this very SLURM job (a requeue runs the same job
+    id), so that starting it over loses nothing of anyone else's."""
+    from . import metrics
+
+    job = slurm_job()
+    if not job or not out.is_file():
+        return False
+    try:
+        writer = metrics.read(out)["attrs"].get("writer") or {}
+    except CdmpiError:
+        return False
+    return isinstance(writer, dict) and writer.get("job") == job
 
 
 def _check_continues(out: Path, manifest: dict) -> None:
