@@ -429,7 +429,8 @@ class Engine:
             if self.last_checkpoint is not None:
                 note = f"the last checkpoint, {self.last_checkpoint}, holds the last good state"
             elif self.checkpoint_root is not None and checkpoint.list_checkpoints(self.checkpoint_root):
-                note = f"the checkpoints in {self.checkpoint_root} hold good states"
+                note = (f"the checkpoints in {self.checkpoint_root} were checked when written (x finite and the "
+                        f"same on every worker); --resume auto takes the latest")
             else:
                 note = "no checkpoint of this run holds a good state"
             decision = Decision(decision.flags, f"{decision.error}; {note}")

@@ -157,8 +157,8 @@ def _check_continues(out: Path, manifest: dict) -> None:
     from . import metrics
 
     if not out.is_file():
-        raise CdmpiError(f"cannot resume: metrics file {out} not found (the checkpoint's rows continue it); "
-                         f"pass the --out of the interrupted run")
+        raise CdmpiError(f"cannot resume: metrics file {out} not found, and the checkpoint's run continues its "
+                         f"rows; restore the file, or pass --overwrite to start over from step 0")
     run = metrics.read(out)
     ours, theirs = manifest.get("run_id"), run["attrs"].get("run_id")
     if ours and theirs != ours:
