@@ -348,7 +348,11 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
                 verdict = _message(err)
         verdict = transport.share(verdict)
         if verdict != "ok":
-            raise CdmpiError(verdict if transport.is_server else "see the server's error")
+            if strict:
+                raise CdmpiError(verdict if transport.is_server else "see the server's error")
+            if warn is not None and transport.is_server:  # auto: another run's checkpoint, or another config
+                warn(f"{verdict}; trying an older checkpoint")
+            continue
         states, error = _read_own(session, path, manifest)
         errors = transport.collect(error)
         decision = None
