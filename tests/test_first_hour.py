@@ -96,6 +96,16 @@ def test_help_and_config_errors_do_not_import_torch_or_mpi(args, code):
     assert not {"torch", "mpi4py", "h5py", "numba"} & modules, sorted(modules & {"torch", "mpi4py", "h5py", "numba"})
 
 
+def test_readers_import_neither_torch_nor_mpi(tmp_path):
+    out = tmp_path / "r.h5"
+    assert run_main(["train", MUSHROOMS, "--backend", "local", "--workers", 2, "--set", "run.steps=10",
+                     "--out", out]).returncode == 0
+    for args in (["report", out], ["project", out], ["watch", out], ["plot", out, "--out", tmp_path / "p.png"]):
+        modules, r = imported_modules(args, subprocess_env())
+        assert r.returncode == 0, r.stderr
+        assert not {"torch", "mpi4py", "numba"} & modules, (args[0], sorted(modules & {"torch", "mpi4py", "numba"}))
+
+
 def test_catalog_names_the_compressors_that_cdmpi_compress_implements():
     assert tuple(compress.COMPRESSORS) == catalog.COMPRESSORS
 
