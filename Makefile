@@ -49,7 +49,7 @@ reproduce-logreg: install
 	$(BIN)/cdmpi plot $(LOGREG_RUNS) --x step --y grad_norm_sq --out results/logreg/all_step_sizes.png
 	$(PY) results/logreg/make_readme.py $(LOGREG_RUNS) results/logreg/README.md
 
-# Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 5 minutes).
+# Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 1 to 2 minutes).
 reproduce-digits: install
 	BIN=$(BIN) results/digits/reproduce.sh
 

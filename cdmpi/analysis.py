@@ -34,6 +34,7 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
     row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
            "topology": attrs.get("topology", "star"),  # files from before the sharded topology are star
            "dataset": cfg.get("data", {}).get("dataset"), "data_sha256": attrs.get("data_sha256"),
+           "problem": attrs.get("problem"),
            "lr": cfg.get("optim", {}).get("lr"),
            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
            "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "test_accuracy": test_accuracy, "bits_up": bits_up,
@@ -74,7 +75,8 @@ def best_warnings(rows: list[dict]) -> list[str]:
         for column, what in (("steps", "steps"), ("workers", "workers"), ("data_sha256", "data files (sha256)")):
             values = sorted({str(row.get(column)) for row in group})
             if len(values) > 1:
-                warnings.append(f"--best compares {algorithm} ({compressor}) runs on {dataset} that differ in "
+                where = dataset if dataset is not None else "your own loop"
+                warnings.append(f"--best compares {algorithm} ({compressor}) runs on {where} that differ in "
                                 f"{what}: {', '.join(values)}")
     return warnings
 

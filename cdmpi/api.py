@@ -40,7 +40,7 @@ from . import checkpoint, config, devices, engine as engines, launcher, log, run
 from .config import Config
 from .engine import Engine, WorkerStep
 from .errors import EXIT_BAD_INPUT, AgreedError, CdmpiError, RunStopped, SetupFailed
-from .metrics import mean_of_workers
+from .rows import mean_of_workers
 from .signals import StopOnSigterm
 from .problems.classifier import flatten_
 
@@ -646,5 +646,6 @@ def _report(job: _Job, status: int) -> None:
     row = job.engine.last_row if job.engine is not None else None
     if row is not None and job.transport.rank == 0 and not job.quiet:
         print(f"cdmpi: finished {job.engine.step_count} steps: loss {row.get('loss', float('nan')):.6g}, grad_norm_sq "
-              f"{row['grad_norm_sq']:.4e}, bits up {row['bits_up']:.4e}, down {row['bits_down']:.4e} -> {job.out}",
+              f"{row['grad_norm_sq']:.4e}, bits up {row['bits_up']:.4e}, down {row['bits_down']:.4e}"
+              + (f" -> {job.out}" if job.out is not None else " (no metrics file: give out= to keep the rows)"),
               file=sys.stderr)

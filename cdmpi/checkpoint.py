@@ -93,6 +93,7 @@ class Run(Protocol):
 
     def roles(self) -> dict[str, tuple[str, object]]: ...  # file name -> (role, its state_dict holder)
     def metrics_rows_before(self, step: int) -> int: ...  # train rows in the metrics file before `step`
+    def metrics_digest_before(self, step: int) -> str | None: ...  # sha256 of those rows (metrics.rows_digest)
     def checksums(self) -> dict[int, int]: ...  # worker index -> checksum of its x, for this process's workers
     def flush_metrics(self) -> None: ...
 
@@ -102,11 +103,15 @@ def _write_file(path: Path, obj: dict) -> dict:
     torch.save(obj, buffer)
     data = buffer.getvalue()
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -124,7 +129,7 @@ def save(session: Run, step: int, root: Path) -> Path | None:
             report["files"][name] = _write_file(tmp_dir / name, {"role": role, "step": step,
                                                                   "state": runtime.state_dict()})
         session.flush_metrics()  # rows before `step` are on disk whenever the checkpoint is
-    except OSError as err:
+    except (OSError, CdmpiError) as err:  # a full disk: the server removes the unfinished folder below
         report["error"] = f"rank {transport.rank}: {err}"
     reports = transport.collect(report)
     verdict = None
@@ -142,11 +147,13 @@ def save(session: Run, step: int, root: Path) -> Path | None:
         return None
     errors = [r["error"] for r in reports if "error" in r]
     if errors:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # every rank has finished writing into it (collect)
         raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
     files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
     manifest = {"format_version": FORMAT_VERSION, "step": step, "run_id": session.attrs.get("run_id"),
-                "metrics_rows": session.metrics_rows_before(step), "data_path": session.attrs.get("data_path"),
+                "metrics_rows": session.metrics_rows_before(step), "metrics_sha256": session.metrics_digest_before(step),
+                "git_commit": session.attrs.get("git_commit"), "data_path": session.attrs.get("data_path"),
                 "data_sha256": session.attrs.get("data_sha256"), "n_workers": transport.n_workers,
                 "world_size": transport.world_size, "backend": transport.name, "d": session.d,
                 "config": cfg.to_dict(), "config_hash": config_hash(cfg), "files": dict(sorted(files.items())),
@@ -159,6 +166,7 @@ def save(session: Run, step: int, root: Path) -> Path | None:
             shutil.rmtree(final)
         os.replace(tmp_dir, final)
     except OSError as err:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise CdmpiError(f"cannot write checkpoint {final}: {err}") from None
     prune(root, session.cfg.checkpoint.keep)
     return final
@@ -340,7 +348,11 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
                 verdict = _message(err)
         verdict = transport.share(verdict)
         if verdict != "ok":
-            raise CdmpiError(verdict if transport.is_server else "see the server's error")
+            if strict:
+                raise CdmpiError(verdict if transport.is_server else "see the server's error")
+            if warn is not None and transport.is_server:  # auto: another run's checkpoint, or another config
+                warn(f"{verdict}; trying an older checkpoint")
+            continue
         states, error = _read_own(session, path, manifest)
         errors = transport.collect(error)
         decision = None

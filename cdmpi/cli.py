@@ -44,7 +44,7 @@ def _train_parser(sub) -> None:
                    f"  {a.name:<14} [{', '.join(a.compressors)}] {a.description}"
                    for a in catalog.ALGORITHMS.values()),
         formatter_class=_Formatter)
-    p.add_argument("config", help="TOML config file (see configs/ and the README's config reference)")
+    p.add_argument("config", help="TOML config file (see configs/ and docs/configuration.md)")
     p.add_argument("--backend", choices=("auto", "mpi", "local"), default="auto",
                    help="mpi: one process per rank; local: all workers in this process; "
                         "auto: mpi when started by an MPI launcher, else local")
@@ -155,7 +155,7 @@ def _project_parser(sub) -> None:
                     "links of the given bandwidths: measured compute, encode, aggregate and update times "
                     "plus latency and the bytes per step through rank 0's link (star topology), and for "
                     "comparison an fp32 ring Allreduce of the same d with the same compute. The model is "
-                    "in cdmpi/project.py and the README.",
+                    "in docs/performance.md.",
         formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="HDF5 metrics files")
     p.add_argument("--bandwidth", default="1,10,100", help="link bandwidths in Gbit/s, comma-separated")
@@ -235,7 +235,17 @@ def _checked_config(args, backend: str) -> config.Config:
         raise CdmpiError(f"--workers must be >= 1, got {args.workers}")
     if args.out is not None and Path(args.out).suffix not in (".h5", ".hdf5"):
         raise CdmpiError(f"--out {args.out}: the metrics file is HDF5; name it .h5 or .hdf5")
-    return config.load(args.config, args.overrides)
+    cfg = config.load(args.config, args.overrides)
+    # What every rank can see alike on the shared file system, answered before torch starts (seconds
+    # under mpiexec -n 21 on loaded cores); the set-up phases check the same again, under the lock.
+    from . import data, lock
+
+    data.check_available(cfg.data.dataset)
+    if args.out is not None:
+        lock.check_free(Path(str(args.out) + ".lock"))
+        if Path(args.out).exists() and not (args.overwrite or args.resume):
+            raise CdmpiError(f"metrics file {args.out} exists; pass --overwrite or choose another --out")
+    return cfg
 
 
 class _TrainJob:

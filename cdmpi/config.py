@@ -154,6 +154,11 @@ def _check_choices(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise CdmpiError(f"config: {key} must be > 0, got {value!r}")
+    if cfg.run.threads > MAX_THREADS:
+        raise CdmpiError(f"config: run.threads must be at most {MAX_THREADS} (torch threads per rank), "
+                         f"got {cfg.run.threads}")
+    if not 0 <= cfg.run.seed < 2 ** 63:
+        raise CdmpiError(f"config: run.seed must be in [0, 2^63), got {cfg.run.seed}")
     if cfg.run.dtype not in ("float32", "float64"):
         raise CdmpiError(f"config: run.dtype must be 'float32' or 'float64', got {cfg.run.dtype!r}")
     for key, value in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
@@ -193,6 +198,9 @@ def _check_choices(cfg: Config) -> None:
     catalog.check(cfg.optim.algorithm, cfg.compress.name)
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
+
+
+MAX_THREADS = 1024  # torch threads per rank: more is a typo (and torch crashes trying)
 
 
 def _coerce(key: str, value, hint):
@@ -235,15 +243,20 @@ def _build(cls, values: dict, prefix: str):
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
-    """`optim.lr=0.003` -> (['optim', 'lr'], 0.003). Values are TOML; a bare word is a string."""
+    """`optim.lr=0.003` -> (['optim', 'lr'], 0.003). Values are TOML; a bare word is a string. A value is one
+    line: more TOML after it (a newline, a [section]) is refused, not silently dropped."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise CdmpiError(f"--set expects key=value, got {text!r}")
+    if "\n" in raw or "\r" in raw:
+        raise CdmpiError(f"--set {key}: the value must be one line, got {raw!r}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise CdmpiError(f"--set {key}: the value nests too deeply") from None
     return key.split("."), value
 
 
@@ -273,6 +286,8 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
         values = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise CdmpiError(f"config file {path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise CdmpiError(f"config file {path} nests too deeply to be a cdmpi config") from None
     return from_dict(values, overrides)
 
 

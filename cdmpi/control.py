@@ -16,10 +16,13 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where tensors are made: `cdmpi project` reads HEADER_NBYTES and must not load torch.
 
 HEADER_NBYTES = 40  # int64 flags, step, checksum; float64 learning rate; int64 metric bytes
 
@@ -49,6 +52,8 @@ NON_FINITE = -2  # in place of a checksum: this worker's x holds inf or nan
 def x_checksum(x: torch.Tensor) -> int:
     """A 62-bit digest of x's bytes (copies of x on different workers must agree bit for bit), or
     NON_FINITE."""
+    import torch
+
     if not bool(torch.isfinite(x).all()):
         return NON_FINITE
     digest = hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
@@ -69,6 +74,8 @@ def pack_headers(headers: Sequence[Header]) -> torch.Tensor:
     words = np.array([[int(h.flags), h.step, h.checksum, 0, h.metrics_nbytes] for h in headers],
                      dtype="<i8").reshape(-1, 5)
     words[:, 3] = np.array([h.lr for h in headers], dtype="<f8").view("<i8")
+    import torch
+
     return torch.from_numpy(words.view(np.uint8))
 
 

@@ -186,10 +186,14 @@ def _quote(raw: bytes) -> str:
     return repr(raw[:80].decode(errors="replace").rstrip())
 
 
+MAX_FEATURE_INDEX = 2 ** 31 - 1  # a dense shard of more features would not fit any machine anyway
+
+
 def read_libsvm(path: Path, n_features: int = 0, name: str | None = None, sha256: str | None = None) -> Dataset:
     """A LibSVM file ("label index:value ...", '#' comments, qid ignored) as a CSR matrix and +-1 labels.
-    Indices are one-based unless some index is 0 (then zero-based), as LIBSVM's tools and scikit-learn read
-    them. Written out here because importing scikit-learn's reader took 1.6 s in every rank."""
+    Indices are one-based, as LIBSVM's tools write them: an index 0 is refused rather than read as a
+    zero-based file (which would shift every feature of every row). Written out here because importing
+    scikit-learn's reader took 1.6 s in every rank."""
     import scipy.sparse
 
     path = Path(path)
@@ -204,16 +208,19 @@ def read_libsvm(path: Path, n_features: int = 0, name: str | None = None, sha256
             pairs = [token for token in tokens[1:] if not token.startswith(b"qid:")]
             fields = b" ".join(pairs).replace(b":", b" ").split()
             try:
-                if len(fields) != 2 * len(pairs):  # a token without exactly one ':' between two fields
+                if len(fields) != 2 * len(pairs) or b"_" in raw:  # one ':' per pair; Python alone reads 1_0 as 10
                     raise ValueError
                 label = float(tokens[0])
                 row_indices = list(map(int, fields[0::2]))
                 row_values = list(map(float, fields[1::2]))
             except ValueError:
                 raise CdmpiError(f"malformed LibSVM file {path}: line {number}: {_quote(raw)}") from None
-            if any(b >= a for a, b in zip(row_indices[1:], row_indices)) or (row_indices and row_indices[0] < 0):
+            if any(b >= a for a, b in zip(row_indices[1:], row_indices)) or (row_indices and row_indices[0] < 1):
                 raise CdmpiError(f"malformed LibSVM file {path}: line {number}: {_quote(raw)} (feature indices "
-                                 f"must be increasing and not negative)")
+                                 f"must be increasing and start at 1)")
+            if row_indices and row_indices[-1] > MAX_FEATURE_INDEX:
+                raise CdmpiError(f"LibSVM file {path}: line {number}: feature index {row_indices[-1]} is larger "
+                                 f"than cdmpi reads ({MAX_FEATURE_INDEX})")
             if not (np.isfinite(label) and np.isfinite(row_values).all()):
                 raise CdmpiError(f"LibSVM file {path} holds a value that is not a finite number: line {number}: "
                                  f"{_quote(raw)}")
@@ -224,8 +231,7 @@ def read_libsvm(path: Path, n_features: int = 0, name: str | None = None, sha256
     if not labels:
         raise CdmpiError(f"LibSVM file {path} holds no samples")
     columns = np.asarray(indices, dtype=np.int64)
-    if columns.size and columns.min() > 0:
-        columns -= 1  # one-based
+    columns -= 1  # one-based
     needed = int(columns.max()) + 1 if columns.size else 0
     if n_features and needed > n_features:
         raise CdmpiError(f"{path} has features up to index {needed} but data.n_features = {n_features}")
@@ -256,6 +262,17 @@ def load(dataset: str, *, n_features: int = 0, samples: int = 2000, features: in
         return read_libsvm(Path(dataset), n_features)
     raise CdmpiError(f"unknown dataset {dataset!r}: use one of {', '.join(LIBSVM_SHA256)}, "
                      f"'synthetic', or a path to a LibSVM file")
+
+
+def check_available(dataset: str) -> None:
+    """Before torch and MPI start: a dataset that cannot be had here is an error now, on every rank alike
+    (a LibSVM path that is no file; a known dataset with no local copy, no bundled one and downloads off)."""
+    if dataset in LIBSVM_SHA256:
+        if where(dataset) is None and dataset not in BUNDLED and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+            raise _not_found(dataset, f"downloads are off (${OFFLINE_ENV})")
+    elif dataset not in ("synthetic", "digits", "cifar10", "synthetic_images") and "/" in dataset \
+            and not Path(dataset).is_file():
+        raise CdmpiError(f"dataset file not found: {dataset}")
 
 
 def prefetch(dataset: str) -> None:

@@ -36,7 +36,8 @@ from .config import Config
 from .control import Decision, Flag, Header, decide, x_checksum
 from .errors import AgreedError, CdmpiError, RunStopped
 from .exchange import FrameExchange
-from .metrics import TRAIN_COLUMNS, MetricsWriter, Share
+from .metrics import TRAIN_COLUMNS, MetricsWriter
+from .rows import Share
 from .timing import PHASES, PhaseTimer
 
 FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
@@ -252,6 +253,8 @@ class Engine:
         if self.log is None:
             return
         self.attrs.update(provenance())
+        if self.lock is not None:  # who writes this file: `cdmpi watch` tells it from an earlier run's file
+            self.attrs["writer"] = json.dumps(self.lock.me, sort_keys=True)
         n, world = self.transport.n_workers, self.transport.world_size
         finals = {"final/steps": ((1,), np.int64)}
         if self.d * n <= FINAL_PARAMS_MAX_ELEMENTS:
@@ -288,6 +291,10 @@ class Engine:
         if manifest is not None:
             self.step_count = int(manifest["step"])
         return manifest
+
+    def metrics_digest_before(self, step: int) -> str | None:
+        writer = self.log.writer if self.log is not None else None
+        return writer.digest_before(step) if writer is not None else None
 
     def metrics_rows_before(self, step: int) -> int:
         writer = self.log.writer if self.log is not None else None
@@ -422,7 +429,8 @@ class Engine:
             if self.last_checkpoint is not None:
                 note = f"the last checkpoint, {self.last_checkpoint}, holds the last good state"
             elif self.checkpoint_root is not None and checkpoint.list_checkpoints(self.checkpoint_root):
-                note = f"the checkpoints in {self.checkpoint_root} hold good states"
+                note = (f"the checkpoints in {self.checkpoint_root} were checked when written (x finite and the "
+                        f"same on every worker); --resume auto takes the latest")
             else:
                 note = "no checkpoint of this run holds a good state"
             decision = Decision(decision.flags, f"{decision.error}; {note}")
@@ -453,6 +461,7 @@ class Engine:
         """Collective, after the last step: time per phase, bytes per rank and the final x into the file."""
         try:
             if self.log is not None and self.log.writer is not None:
+                self.log.writer.flush()  # every row is in the file before final/steps says the run finished
                 self.log.writer.write_array("final/steps", np.array([self.step_count], dtype=np.int64))
             self._record_timing()
             self._record_traffic()

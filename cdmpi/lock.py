@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import CdmpiError
 
 
-def _slurm_job() -> str:
+def slurm_job() -> str:
     job = os.environ.get("SLURM_JOB_ID", "")
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
     return f"{job}_{task}" if job and task else job
@@ -40,6 +40,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_alive_anywhere(holder: dict) -> bool:
+    """Whether the holder may still run: on another host we cannot tell, so it may."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        return _pid_alive(int(holder.get("pid", -1)))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_free(path: Path) -> None:
+    """Raise CdmpiError naming the holder if a live process holds the lock at `path` (without taking it:
+    a quick test before a run starts; RunLock.acquire decides)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file, or not ours to read: acquire will say
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if not (holder.get("job") and holder.get("job") == slurm_job()):  # a requeue takes its own over
+                raise CdmpiError(f"{path.with_suffix('')} is in use by another run ({describe(holder)}); wait for "
+                                 f"it to end or choose another --out") from None
+    finally:
+        os.close(fd)
+
+
 def describe(holder: dict) -> str:
     job = f", SLURM job {holder['job']}" if holder.get("job") else ""
     return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}{job}"
@@ -51,7 +83,7 @@ class RunLock:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._fd: int | None = None
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _slurm_job(),
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job(),
                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def _stale(self, holder: dict) -> bool:
@@ -66,10 +98,24 @@ class RunLock:
             return {}
 
     def acquire(self) -> None:
-        """Take the lock, or raise CdmpiError naming the run that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the lock, or raise CdmpiError naming the run that holds it (or why it cannot be made)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CdmpiError(f"cannot make the folder of {self.path.with_suffix('')}: {err.strerror or err} "
+                             f"({self.path.parent}); choose an --out in a folder you can write") from None
         for _ in range(3):  # a holder may release (and remove the file) between our open and our flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                holder = self._holder()
+                if holder:  # another user's lock file: say whose run it is
+                    state = "in use by" if not self._stale(holder) and _pid_alive_anywhere(holder) else \
+                        "locked by a file of an ended run of"
+                    raise CdmpiError(f"{self.path.with_suffix('')} is {state} another user's run "
+                                     f"({describe(holder)}); {err.strerror}: {self.path}") from None
+                raise CdmpiError(f"cannot write {self.path}: {err.strerror or err}; choose an --out in a folder "
+                                 f"you can write") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -89,6 +135,10 @@ class RunLock:
             if not same:  # the file we locked was removed by its holder on release: take the new one
                 os.close(fd)
                 continue
+            try:  # other users may take over the lock of a run that died (umask would make it 0644)
+                os.fchmod(fd, 0o666)
+            except OSError:
+                pass
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps(self.me).encode())
             os.fsync(fd)

@@ -21,9 +21,11 @@ SWMR again (a reader opening the file in that instant is retried by ``read``). A
 file from the one it continues (rows before the checkpoint's step; steps stay unique and increasing).
 
 A row's values come from the workers: each worker that logged at a step gives a dict, and a reducer makes
-the row from them, in worker order (``mean_of_workers`` for a user's values, ``sum_of_shares`` for the
-built-in problems' metric shares). A column that a run logs for the first time is added then; earlier
-rows read NaN there.
+the row from them, in worker order (``cdmpi.rows``). A column that a run logs for the first time is added
+then; earlier rows read NaN there.
+
+This module reads and writes files with h5py and NumPy only: `cdmpi report`, `plot`, `watch` and
+`project` import neither torch nor MPI.
 """
 
 from __future__ import annotations
@@ -32,12 +34,10 @@ import datetime
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from .errors import CdmpiError
 
@@ -120,7 +120,12 @@ class MetricsWriter:
             for group in dict.fromkeys([*self.columns, *rows]):
                 self._add_columns(fh, group, rows.get(group, {}))
             for name, (shape, dtype) in self.finals.items():
-                fh.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan if dtype == np.float64 else -1)
+                # storage allocated now: the first write must not change the dataset's layout under an SWMR
+                # reader that holds the file open (it then fails with "invalid dataset size")
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                fh.create_dataset(name, shape=shape, dtype=dtype, fillvalue=np.nan if dtype == np.float64 else -1,
+                                  dcpl=dcpl)
             fh.swmr_mode = True
             os.replace(tmp, self.path)
         except BaseException:
@@ -182,16 +187,24 @@ class MetricsWriter:
             columns = {(group, name): np.asarray([r.get(name, np.nan if dtype == np.float64 else 0)
                                                   for r in self._rows[group]], dtype=dtype)
                        for group in pending for name, dtype in self.columns[group].items()}
-            for (group, name), values in columns.items():
+            # `step` last: readers take the rows every column has, so a flush cut short (a full disk, a kill)
+            # leaves no row whose other columns read as fill values
+            for (group, name), values in sorted(columns.items(), key=lambda item: item[0][1] == "step"):
                 ds = fh[group][name]
                 start = ds.shape[0]
                 ds.resize((start + len(values),))
                 ds[start:] = values
             fh.flush()
-        except OSError as err:
-            raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
+        except (OSError, RuntimeError) as err:  # h5py reports some write failures (ENOSPC) as RuntimeError
+            raise CdmpiError(f"cannot write metrics file {self.path}: {_first_line(err)}") from None
         for rows in self._rows.values():
             rows.clear()
+
+    def digest_before(self, step: int) -> str:
+        """sha256 of every flushed row before `step` (all groups and columns, in name order): a resume checks
+        that the rows it continues are the ones its checkpoint's run wrote."""
+        return rows_digest({g: {k: ds[()] for k, ds in self._fh[g].items()} for g in self._fh
+                            if isinstance(self._fh[g], h5py.Group) and "step" in self._fh[g]}, step)
 
     def rows_before(self, group: str, step: int) -> int:
         """Rows of `group` in the file (flushed) with a step before `step`."""
@@ -222,86 +235,10 @@ class MetricsWriter:
             self._fh = None
 
 
-# ---- rows from the workers' values ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Share:
-    """A worker's share of a sum over workers, as it travels to the server: `body` in the worker's compute
-    dtype (4 bytes a value for float32 runs, not float64's 8), after optional float64 `head` values. Its
-    value is cat(head, float64(body)) / divisor: the float64 operations the worker would have done itself,
-    done by the server, so the row has the same bits and the link carries half the bytes."""
-
-    body: object  # torch.Tensor or np.ndarray
-    divisor: int | float = 1
-    head: object = None  # float64 values, or None
-
-    def value(self) -> torch.Tensor:
-        body = torch.as_tensor(self.body).to(torch.float64)
-        if self.head is not None:
-            body = torch.cat([torch.as_tensor(self.head, dtype=torch.float64).reshape(-1), body])
-        return body / self.divisor
-
-    def portable(self) -> "Share":
-        """The same share with host NumPy arrays (what is pickled under MPI)."""
-        def host(t):
-            return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t
-        return Share(host(self.body), self.divisor, host(self.head))
-
-    def finite(self) -> bool:
-        return all(bool(torch.isfinite(torch.as_tensor(part)).all()) for part in (self.body, self.head)
-                   if part is not None)
-
-
-def _float64(value) -> torch.Tensor:
-    return value.value() if isinstance(value, Share) else torch.as_tensor(value, dtype=torch.float64)
-
-
-def _ordered_sum(values: list):
-    total = values[0].clone() if isinstance(values[0], torch.Tensor) else values[0]
-    for value in values[1:]:
-        total = total + value
-    return total
-
-
-def _as_number(value):
-    return float(value) if not isinstance(value, torch.Tensor) or value.numel() == 1 else value
-
-
-def mean_of_workers(values: list[dict]) -> dict:
-    """Each key: the mean over the workers that gave it, summed in worker order (a user's values); a value
-    that every worker gave alike (a learning rate, an epoch) is kept as it is."""
-    keys = list(dict.fromkeys(k for v in values for k in v))
-    row = {}
-    for key in keys:
-        given = [torch.as_tensor(v[key], dtype=torch.float64) for v in values if key in v]
-        same = all(torch.equal(g, given[0]) for g in given[1:])
-        row[key] = _as_number(given[0] if same else _ordered_sum(given) / len(given))
-    return row
-
-
-def sum_of_shares(values: list[dict]) -> dict:
-    """Each key: the sum over the workers in worker order of their shares (the built-in problems, whose
-    shares add up to the value over all data). A share "loss_and_grad<suffix>" is the vector [f, grad f] of a
-    worker's part of an objective: its sum gives loss<suffix> and grad_norm_sq<suffix>, the squared norm of
-    the gradient."""
-    keys = list(dict.fromkeys(k for v in values for k in v))
-    row = {}
-    for key in keys:
-        total = _ordered_sum([_float64(v[key]) for v in values if key in v])
-        if key.startswith("loss_and_grad"):
-            suffix = key.removeprefix("loss_and_grad")
-            row["loss" + suffix] = float(total[0])
-            row["grad_norm_sq" + suffix] = float(torch.dot(total[1:], total[1:]))
-        else:
-            row[key] = _as_number(total)
-    return row
-
-
-REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}
 
 
 # Attributes stored as JSON text (HDF5 attributes hold no nested values); read() returns them decoded.
-JSON_ATTRS = ("config", "versions", "hosts", "comm_paths")
+JSON_ATTRS = ("config", "versions", "hosts", "comm_paths", "writer")
 
 
 def _attr(name: str, value, decode: bool):
@@ -312,27 +249,108 @@ def _attr(name: str, value, decode: bool):
     return value
 
 
+def rows_digest(groups: dict, step: int) -> str:
+    """sha256 over the rows with step < `step` of each group that has rows (groups and columns by name)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for group in sorted(groups):
+        columns = groups[group]
+        if "step" not in columns:
+            continue
+        kept = int(np.searchsorted(columns["step"], step, side="left"))
+        for name in sorted(columns):
+            digest.update(f"{group}/{name}".encode())
+            digest.update(np.ascontiguousarray(columns[name][:kept]).tobytes())
+    return digest.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _truncated(path: Path) -> bool:
+    """Whether the file is shorter than its HDF5 superblock says (version 2 and 3 superblocks, which cdmpi
+    writes, keep the end-of-file address at byte 28). An SWMR reader of a truncated file can retry for
+    minutes; this check answers at once."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(36)
+    except OSError:
+        return False
+    if len(head) < 36 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (2, 3) or head[9] != 8:
+        return False
+    end = int.from_bytes(head[28:36], "little")
+    return path.stat().st_size < end
+
+
+def open_file(path: str | Path) -> h5py.File:
+    """A metrics file opened for reading: a finished one plainly (a damaged or foreign file fails at once),
+    one being written, or whose writer died, as an SWMR reader (HDF5 refuses a plain open of those)."""
+    path = Path(path)
+    if _truncated(path):
+        raise OSError(f"truncated file: {path.stat().st_size} bytes, shorter than its HDF5 superblock says")
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as err:
+        text = str(err)
+        if "consistency flags" not in text and "already open for write" not in text:
+            raise
+    return h5py.File(path, "r", swmr=True, locking=False)
+
+
+def _group(fh: h5py.File, name: str, path: Path) -> dict:
+    """A group's 1-D numeric datasets, read whole; links (soft, external) are not followed, and a dataset
+    that is not a column (strings, compounds, 2-D) or declares far more rows than the file could hold is
+    refused."""
+    return {key: ds[()] for key, ds in datasets(fh, name, path).items()}
+
+
+def datasets(fh: h5py.File, name: str, path: Path) -> dict:
+    """The checked datasets of group `name` (see _group), not read."""
+    out = {}
+    group = fh[name]
+    for key in group:
+        link = group.get(key, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} is a link")
+        ds = group[key]
+        if not isinstance(ds, h5py.Dataset):
+            continue
+        if ds.dtype.kind not in "iuf" or (name in CORE_COLUMNS and ds.ndim != 1):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} is not a column of numbers "
+                             f"({ds.dtype}, shape {ds.shape})")
+        if ds.size * ds.dtype.itemsize > 64 * path.stat().st_size + (1 << 20):
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {name}/{key} declares {ds.size} values, far "
+                             f"more than its {path.stat().st_size} bytes hold")
+        out[key] = ds
+    return out
+
+
 def read(path: str | Path, retry_seconds: float = 5.0, decode: bool = True) -> dict:
     """{'attrs': {...}, 'train': {column: ndarray}, ...} of one metrics file, finished or being written
-    (opened as an SWMR reader). An open that fails while the writer adds a column is retried. The attributes
-    in JSON_ATTRS come back decoded (unless decode=False): attrs['config'] is the run's config as a dict."""
+    (see open_file). An open that fails while the writer adds a column is retried. The attributes
+    in JSON_ATTRS come back decoded (unless decode=False): attrs['config'] is the run's config as a dict.
+    A file that is not a whole cdmpi metrics file (truncated, foreign, hostile) is a CdmpiError."""
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
-            with h5py.File(path, "r", swmr=True, locking=False) as fh:
+            with open_file(path) as fh:
                 attrs = {k: _attr(k, v, decode) for k, v in fh.attrs.items()}
-                groups = {g: {k: ds[()] for k, ds in fh[g].items()} for g in fh.keys()
-                          if isinstance(fh[g], h5py.Group)}
+                groups = {g: _group(fh, g, path) for g in fh.keys()
+                          if isinstance(fh.get(g, getlink=True), h5py.HardLink) and isinstance(fh[g], h5py.Group)}
             break
         except OSError as err:
-            if time.monotonic() > deadline or not path.is_file():
+            if "truncated" in str(err) or time.monotonic() > deadline or not path.is_file():
                 raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
             time.sleep(0.05)
-    if "train" not in groups:
-        raise CdmpiError(f"{path} is not a cdmpi metrics file (no /train group)")
+        except (ValueError, TypeError, KeyError, RecursionError) as err:  # attributes or JSON that are not cdmpi's
+            raise CdmpiError(f"{path} is not a cdmpi metrics file: {type(err).__name__}: {err}") from None
+    if "train" not in groups or "step" not in groups["train"]:
+        raise CdmpiError(f"{path} is not a cdmpi metrics file (no /train/step)")
     for columns in groups.values():  # a row is whole once every column has it (a flush cut short by a crash)
         if "step" in columns:
             rows = min(len(values) for values in columns.values())

@@ -15,6 +15,36 @@ from . import analysis, metrics
 from .errors import CdmpiError
 
 X_AXES = {"bits": "bits communicated (up + down, all workers)", "step": "iteration"}
+# What a column is, for axis labels; the objective's name is added where the run says it.
+QUANTITIES = {"grad_norm_sq": "‖∇f(x_t)‖²", "loss": "f(x_t)", "grad_norm_sq_all_rows": "‖∇f(x_t)‖², (7.1)",
+              "loss_all_rows": "f(x_t), (7.1)", "accuracy": "test accuracy", "wall_time": "wall time (s)"}
+
+# One colour per method in every figure cdmpi draws (plot, results/digits, results/network): a method keeps
+# its colour from figure to figure; the sharded topology is a darker shade of its method's.
+METHOD_COLOURS = {
+    ("cdadam", "star"): "#d62728", ("cdadam", "sharded"): "#8c1a1b",
+    ("amsgrad", "star"): "#1f77b4", ("amsgrad", "sharded"): "#124a73", ("amsgrad", "allreduce"): "#6a3d9a",
+    ("amsgrad-ef", "star"): "#2ca02c", ("amsgrad-ef", "sharded"): "#1b641b",
+    ("amsgrad-naive", "star"): "#7f7f7f", ("amsgrad-naive", "sharded"): "#4d4d4d",
+    ("ef21", "star"): "#8c564b", ("ef21", "sharded"): "#5a372f",
+    ("onebit-adam", "star"): "#ff7f0e", ("onebit-adam", "sharded"): "#a65309",
+}
+OTHER_COLOURS = ["#17becf", "#bcbd22", "#e377c2", "#9467bd", "#393b79", "#637939"]
+
+
+def method_colour(algorithm: str, topology: str = "star") -> str:
+    """The colour of a method (an algorithm on a topology), the same in every figure."""
+    known = METHOD_COLOURS.get((algorithm, topology)) or METHOD_COLOURS.get((algorithm, "star"))
+    if known:
+        return known
+    return OTHER_COLOURS[sum(map(ord, f"{algorithm}/{topology}")) % len(OTHER_COLOURS)]  # stable across runs
+
+
+def quantity(column: str, problem: str | None = None) -> str:
+    """The y axis label of a column: what it is, and of which objective."""
+    name = QUANTITIES.get(column, column)
+    objective = (problem or "").split(":")[0].split(",")[0].strip()
+    return f"{name} ({column}){', ' + objective if objective and column != 'wall_time' else ''}"
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 3))]
 
 
@@ -40,10 +70,18 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     if not rows:
         raise CdmpiError("nothing to plot")
     datasets = list(dict.fromkeys(str(r["dataset"]) for r in rows))
+    problems = {str(r["dataset"]): r.get("problem") for r in rows}
+    titles = {"None": ", ".join(sorted({str(r.get("problem") or "your own loop") for r in rows
+                                        if str(r["dataset"]) == "None"}))}
     methods = list(dict.fromkeys(_method(r) for r in rows))
     lrs = sorted({r["lr"] for r in rows if r["lr"] is not None})
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    colors = {method: cmap(i % cmap.N) for i, method in enumerate(methods)}
+    colors = {_method(r): method_colour(r["algorithm"], r.get("topology", "star")) for r in rows}
+    # Two runs of one method, dataset and lr (a run in process and under MPI, a rerun): their file names
+    # tell the curves apart in the legend.
+    seen: dict[tuple, int] = {}
+    for r in rows:
+        key = (str(r["dataset"]), _method(r), r["lr"])
+        seen[key] = seen.get(key, 0) + 1
     # With the best step size only, one method's lr differs between datasets: there, a style per method.
     styles = ({method: LINESTYLES[i % len(LINESTYLES)] for i, method in enumerate(methods)} if best_only else
               {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)})
@@ -55,11 +93,14 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
             raise CdmpiError(f"{row['file']} has no column {y!r}; it has {', '.join(sorted(train))}")
         column = datasets.index(str(row["dataset"]))
         style = styles[_method(row)] if best_only else styles.get(row["lr"], "-")
+        label = f"{_method(row)}" + (f" lr={row['lr']:g}" if row["lr"] is not None else "")
+        if seen[(str(row["dataset"]), _method(row), row["lr"])] > 1:
+            label += f" [{Path(row['file']).name}]"
         for r, axis in enumerate(xs):
             x, values = _x(train, axis), train[y]
             keep = (values > 0) & ((x > 0) if axis == "bits" else True)
             axes[r][column].plot(x[keep], values[keep], color=colors[_method(row)], linestyle=style,
-                                 label=f"{_method(row)} lr={row['lr']:g}", linewidth=1.3)
+                                 label=label, linewidth=1.3)
     for r, axis in enumerate(xs):
         for c, dataset in enumerate(datasets):
             ax = axes[r][c]
@@ -68,8 +109,8 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
             if axis == "bits":
                 _log_axis(ax, "x")
             ax.set_xlabel(X_AXES[axis])
-            ax.set_ylabel(y)
-            ax.set_title(dataset)
+            ax.set_ylabel(quantity(y, problems.get(dataset)))
+            ax.set_title(dataset if dataset != "None" else titles.get(dataset, "your own loop"))
             ax.grid(True, which="major", alpha=0.3)
     if best_only:  # each dataset its own best step sizes: a legend under each column
         for c in range(len(datasets)):

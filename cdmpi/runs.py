@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import checkpoint
-from .lock import RunLock, lock_path
+from . import __version__, checkpoint
+from .lock import RunLock, slurm_job, lock_path
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, AgreedError, CdmpiError, RunStopped, SetupFailed
 
 
@@ -53,6 +53,12 @@ def on_server(transport, work: Callable[[], None]) -> None:
             work()
         except CdmpiError as err:
             error = str(err)
+        except OSError as err:  # a file the server could not make: the workers must not wait for it
+            where = f" {err.filename}" if err.filename else ""
+            error = f"cannot write{where}: {err.strerror or err}"
+        except Exception as err:  # noqa: BLE001 - every rank must leave this phase together
+            traceback.print_exc()
+            error = describe(err)
     error = transport.share(error)
     if error is not None:
         raise CdmpiError(error)
@@ -94,6 +100,16 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
     checkpoint's run; later checkpoints go; or a fresh start clears an earlier run's checkpoints."""
     if manifest is not None:
         step = int(manifest["step"])
+        made_by = (manifest.get("cdmpi_version"), manifest.get("git_commit"))
+        if "git_commit" not in engine.attrs:
+            from .engine import provenance
+
+            engine.attrs.update(provenance())
+        running = (__version__, engine.attrs.get("git_commit"))
+        if made_by != running and warn is not None and (made_by[1] or made_by[0] != running[0]):
+            warn(f"the checkpoint of step {step} was written by cdmpi {made_by[0]} ({made_by[1] or 'commit unknown'}) "
+                 f"and this is cdmpi {running[0]} ({running[1] or 'commit unknown'}): the resumed run may not "
+                 f"give the bits the uninterrupted run would have")
         engine.attrs["run_id"] = manifest.get("run_id") or uuid.uuid4().hex
         if out is not None:
             _check_continues(Path(out), manifest)
@@ -104,6 +120,10 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
     else:
         step = None
         engine.attrs["run_id"] = uuid.uuid4().hex
+        if resume == "auto" and not overwrite and out is not None and _same_job_wrote(Path(out)):
+            overwrite = True  # a SLURM job requeued before its first checkpoint: start over, as it would have
+            if warn is not None:
+                warn(f"no checkpoint yet: this job ({slurm_job()}) starts {out} over from step 0")
         if root is not None and checkpoint.list_checkpoints(root):
             if resume and not overwrite:
                 raise CdmpiError(f"no checkpoint in {root} could be resumed (each is named above); pass "
@@ -116,14 +136,29 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
         engine.open_metrics(out, overwrite=overwrite, resume_step=step)
 
 
+def _same_job_wrote(out: Path) -> bool:
+    """Whether the metrics file at `out` was written by this very SLURM job (a requeue runs the same job
+    id), so that starting it over loses nothing of anyone else's."""
+    from . import metrics
+
+    job = slurm_job()
+    if not job or not out.is_file():
+        return False
+    try:
+        writer = metrics.read(out)["attrs"].get("writer") or {}
+    except CdmpiError:
+        return False
+    return isinstance(writer, dict) and writer.get("job") == job
+
+
 def _check_continues(out: Path, manifest: dict) -> None:
     """The metrics file must hold the checkpoint's run's rows: the same run id, and every row before the
     checkpoint's step that was on disk when the checkpoint was written."""
     from . import metrics
 
     if not out.is_file():
-        raise CdmpiError(f"cannot resume: metrics file {out} not found (the checkpoint's rows continue it); "
-                         f"pass the --out of the interrupted run")
+        raise CdmpiError(f"cannot resume: metrics file {out} not found, and the checkpoint's run continues its "
+                         f"rows; restore the file, or pass --overwrite to start over from step 0")
     run = metrics.read(out)
     ours, theirs = manifest.get("run_id"), run["attrs"].get("run_id")
     if ours and theirs != ours:
@@ -134,6 +169,11 @@ def _check_continues(out: Path, manifest: dict) -> None:
     if want is not None and have != want:
         raise CdmpiError(f"metrics file {out} has {have} rows before step {manifest['step']}, but the checkpoint's "
                          f"run had written {want}: it is not the file this checkpoint continues")
+    digest = manifest.get("metrics_sha256")
+    if digest and metrics.rows_digest({g: v for g, v in run.items() if g != "attrs"}, int(manifest["step"])) != digest:
+        raise CdmpiError(f"metrics file {out}: its rows before step {manifest['step']} are not the ones the "
+                         f"checkpoint's run wrote (changed or damaged since); a resume would carry them on. "
+                         f"Restore the file, or start over with --overwrite")
 
 
 def finish(body: Callable[[], object], transport, rank: int) -> tuple[int, object]:

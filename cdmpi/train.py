@@ -13,7 +13,8 @@ from . import devices, problems, runs
 from .config import Config, replace
 from .engine import Engine, Schedule, build as build_engine, run_problem
 from .errors import CdmpiError
-from .metrics import EVAL_COLUMNS, sum_of_shares
+from .metrics import EVAL_COLUMNS
+from .rows import sum_of_shares
 from .worker import ProblemWorker
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

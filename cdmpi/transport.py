@@ -228,6 +228,39 @@ class MPITransport:
         self._watch_comm = comm.Dup()  # the watchdog's own channel (see Watchdog)
         self.watchdog: Watchdog | None = None
         self.step = 0
+        self._end_job_on_sigint()
+
+    def _end_job_on_sigint(self) -> None:
+        """Ctrl-C (SIGINT, which mpiexec passes to every rank) ends the whole job at once. A rank waiting in a
+        collective is inside MPI's C code, where Python's KeyboardInterrupt cannot reach it; the signal's
+        wake-up byte can: a thread reads it and aborts the job (exit 130). Needs MPI_THREAD_MULTIPLE."""
+        import signal
+        import threading
+
+        if (self._mpi.Query_thread() != self._mpi.THREAD_MULTIPLE
+                or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return
+
+        def watch() -> None:
+            while True:
+                received = os.read(read_fd, 64)
+                if not received:
+                    return
+                if signal.SIGINT in received:  # SIGTERM's byte also comes here: it asks for a checkpoint
+                    print(f"cdmpi: interrupted (SIGINT) on rank {self.rank}: ending the job", file=sys.stderr,
+                          flush=True)
+                    self.comm.Abort(130)
+
+        threading.Thread(target=watch, name="cdmpi-sigint", daemon=True).start()
 
     def watch(self, timeout: float) -> None:
         """comm.timeout: a watchdog ends the job when this rank waits longer than `timeout` seconds in one

@@ -5,7 +5,7 @@ config, the data, the world, the output) shows that every rank ends with that on
 
 import pytest
 
-from conftest import SMALL_CONFIG, run_cdmpi, run_main, subprocess_env, write_config
+from conftest import SMALL_CONFIG, run_cdmpi, run_main, run_python, subprocess_env, write_config
 
 RANKS = 3
 
@@ -101,3 +101,19 @@ def test_an_existing_output_under_mpi(tmp_path, small_config):
     result = run_cdmpi(["train", small_config, "--out", out, "--quiet"], ranks=RANKS)
     assert_clean_failure(result, "exists", "--overwrite")
     assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("out", ["/proc/cdmpi-test/x.h5", "/proc/x.h5"])
+def test_an_output_that_cannot_be_made_in_process(small_config, out):
+    assert_clean_failure(run_main(["train", small_config, "--backend", "local", "--out", out]), "cannot")
+
+
+@pytest.mark.mpi
+def test_an_output_that_cannot_be_made_under_mpi(small_config, tmp_path):
+    """Rank 0 cannot make the lock or the file: every rank ends with exit 2 and one line, no rank left
+    waiting (cdmpi train and a script of your own through cdmpi.launch)."""
+    assert_clean_failure(run_cdmpi(["train", small_config, "--out", "/proc/x.h5"], ranks=RANKS, timeout=120),
+                         "cannot write /proc/x.h5.lock")
+    own = run_python(["examples/own_model.py", "--out", "/proc/x.h5", "--epochs", "1"], ranks=RANKS, timeout=180)
+    assert own.returncode == 2 and "cannot write /proc/x.h5.lock" in own.stderr, own.stderr
+    assert "Traceback" not in own.stderr

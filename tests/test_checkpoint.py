@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,9 @@ from cdmpi import algorithms, checkpoint, cli, config, metrics, train
 from cdmpi.errors import CdmpiError
 from cdmpi.transport import LocalTransport
 
-from conftest import SMALL_CONFIG
+from conftest import REPO, SMALL_CONFIG, run_main
+
+MUSHROOMS = REPO / "configs" / "logreg" / "mushrooms.toml"
 
 
 def test_config_hash_ignores_only_the_keys_that_may_change():
@@ -126,3 +129,25 @@ def test_every_algorithm_resumes_bit_exactly_in_process(tmp_path, name, capsys):
         x, y = (torch.load(checkpoint.step_dir(out.with_suffix(".ckpt"), 16) / f"worker-{i:04d}.pt",
                            weights_only=True)["state"] for out in (full, half))
         assert torch.equal(x["params"], y["params"])
+
+
+def test_resume_refuses_rows_changed_since_the_checkpoint_and_names_another_version(tmp_path):
+    """A resume carries the metrics file's rows on: it checks them against the sha256 its checkpoint
+    recorded, and says so when the checkpoint was written by other cdmpi code."""
+    out = tmp_path / "run.h5"
+    base = ["train", MUSHROOMS, "--backend", "local", "--workers", 2, "--set", "run.steps=30",
+            "--set", "checkpoint.every=10", "--out", out, "--quiet"]
+    assert run_main(base).returncode == 0
+    manifests = sorted(out.with_suffix(".ckpt").glob("step-*/manifest.json"))
+    assert manifests and all(json.loads(m.read_text())["metrics_sha256"] for m in manifests)
+    latest = manifests[-1]
+    manifest = json.loads(latest.read_text())
+    manifest["git_commit"] = "0123456789ab"
+    latest.write_text(json.dumps(manifest))
+    resumed = run_main(base + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "written by cdmpi" in resumed.stderr and "0123456789ab" in resumed.stderr
+    with h5py.File(out, "r+") as fh:
+        fh["train/loss"][1] += 1.0  # an edited value before the checkpoint's step
+    changed = run_main(base + ["--resume", "auto"])
+    assert changed.returncode == 2 and "not the ones the checkpoint's run wrote" in changed.stderr, changed.stderr

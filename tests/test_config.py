@@ -78,3 +78,20 @@ def test_logreg_configs_follow_the_paper():
 
 def test_digest_changes_with_values():
     assert config.Config().digest() != config.from_dict({"optim": {"lr": 0.1}}).digest()
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("run.threads=100000", "run.threads must be at most"),
+    ("run.seed=-1", "run.seed must be in"),
+    ("run.steps=5\n[optim]\nlr=nan", "must be one line"),
+])
+def test_values_torch_or_toml_would_take_badly_are_refused(override, fragment):
+    with pytest.raises(CdmpiError, match=fragment):
+        config.from_dict({}, [override])
+
+
+def test_a_config_that_nests_too_deeply_is_one_error(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(CdmpiError, match="nests too deeply"):
+        config.load(path)

@@ -49,15 +49,26 @@ def test_libsvm_reader_equals_scikit_learns_on_mushrooms():
     np.testing.assert_array_equal(ds.labels, np.where(labels == labels.max(), 1.0, -1.0))
 
 
-def test_libsvm_comments_qid_and_zero_based_indices(tmp_path):
+def test_libsvm_comments_and_qid(tmp_path):
     path = tmp_path / "d.svm"
-    path.write_text("# a comment line\n1 qid:3 0:2.5 2:1e-3  # trailing comment\n\n-1 1:-4\n")
+    path.write_text("# a comment line\n1 qid:3 1:2.5 3:1e-3  # trailing comment\n\n-1 2:-4\n")
     ds = data.read_libsvm(path)
-    np.testing.assert_array_equal(ds.features.toarray(), [[2.5, 0, 1e-3], [0, -4, 0]])  # an index 0: zero-based
+    np.testing.assert_array_equal(ds.features.toarray(), [[2.5, 0, 1e-3], [0, -4, 0]])
     np.testing.assert_array_equal(ds.labels, [1, -1])
     assert data.read_libsvm(path, n_features=5).n_features == 5
     with pytest.raises(CdmpiError, match="features up to index 3 but data.n_features = 2"):
         data.read_libsvm(path, n_features=2)
+
+
+@pytest.mark.parametrize("line,fragment", [("1 0:2.5 2:1", "start at 1"), ("1 1:1_0", "line 2"),
+                                           ("1 100000000000000000000000:1", "larger than cdmpi reads")])
+def test_libsvm_indices_and_numbers_python_alone_would_accept(tmp_path, line, fragment):
+    """An index 0 would silently shift every row (scikit-learn reads the file as zero-based), 1_0 is 10 to
+    Python's float(), and an index past int64 overflowed: each is one clear error."""
+    path = tmp_path / "d.svm"
+    path.write_text(f"-1 1:1\n{line}\n")
+    with pytest.raises(CdmpiError, match=fragment):
+        data.read_libsvm(path)
 
 
 @pytest.mark.parametrize("line", ["1 3:1 2:1", "1 2:1 2:1", "1 2:1:1", "1 2", "1 :2", "1 2:"])

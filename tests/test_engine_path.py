@@ -94,7 +94,7 @@ def test_mpi_run_takes_the_compiled_kernels_on_every_rank(tmp_path, topology):
         assert any(dims == [2, 1] and ok for _, dims, ok in per_rank[0])
     run = metrics.read(tmp_path / "run.h5")
     # Metric values travel apart from the frames: rows at steps 0, 2 and 3, each worker's share [f_i, g_i]
-    # as f_i in float64 and g_i in the run's float32 (metrics.Share: half of float64's bytes) plus a little
+    # as f_i in float64 and g_i in the run's float32 (rows.Share: half of float64's bytes) plus a little
     # pickle framing; rank 0 receives what the workers send.
     comm = run["comm"]
     share = 8 + 4 * D

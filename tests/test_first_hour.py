@@ -3,10 +3,12 @@ progress that shows under mpiexec, a watcher, and the surprises a first user met
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -94,6 +96,16 @@ def test_help_and_config_errors_do_not_import_torch_or_mpi(args, code):
     assert not {"torch", "mpi4py", "h5py", "numba"} & modules, sorted(modules & {"torch", "mpi4py", "h5py", "numba"})
 
 
+def test_readers_import_neither_torch_nor_mpi(tmp_path):
+    out = tmp_path / "r.h5"
+    assert run_main(["train", MUSHROOMS, "--backend", "local", "--workers", 2, "--set", "run.steps=10",
+                     "--out", out]).returncode == 0
+    for args in (["report", out], ["project", out], ["watch", out], ["plot", out, "--out", tmp_path / "p.png"]):
+        modules, r = imported_modules(args, subprocess_env())
+        assert r.returncode == 0, r.stderr
+        assert not {"torch", "mpi4py", "numba"} & modules, (args[0], sorted(modules & {"torch", "mpi4py", "numba"}))
+
+
 def test_catalog_names_the_compressors_that_cdmpi_compress_implements():
     assert tuple(compress.COMPRESSORS) == catalog.COMPRESSORS
 
@@ -115,9 +127,44 @@ def test_watch_follows_a_running_job_to_its_end(tmp_path):
                                 CDMPI_TEST_STEP_SLEEP=0.01), cwd=REPO, stderr=subprocess.PIPE, text=True)
     watcher = run_main(["watch", out, "--interval", "0.2"])
     assert watcher.returncode == 0, watcher.stderr
-    assert re.search(r"cdmpi watch: \S+w\.h5 finished after 200 steps: loss \S+, grad_norm_sq \S+", watcher.stdout)
+    run = metrics.read(out)
+    assert f"run {run['attrs']['run_id']}, created {run['attrs']['created']}" in watcher.stdout
+    # the last line is the file's last row, the one cdmpi report shows
+    last = {k: run["train"][k][-1] for k in ("step", "loss", "grad_norm_sq")}
+    assert (f"finished after 200 steps; last row, step {last['step']}: loss {last['loss']:.6g}, "
+            f"grad_norm_sq {last['grad_norm_sq']:.6g}") in watcher.stdout, watcher.stdout
+    report = run_main(["report", out, "--json"])
+    assert json.loads(report.stdout)[0]["final_grad_norm_sq"] == last["grad_norm_sq"]
     rc, err = finish(job, timeout=120)
     assert rc == 0, err
+
+
+def test_watch_started_on_an_overwrite_follows_the_new_run(tmp_path):
+    """Started while `--overwrite` replaces a finished file, watch waits for the new run's file (the lock
+    names its writer) instead of reporting the old run's end."""
+    out = tmp_path / "w.h5"
+    base = [sys.executable, "-m", "cdmpi", "train", str(MUSHROOMS), "--backend", "local", "--workers", "2",
+            "--out", str(out), "--quiet"]
+    assert subprocess.run(base + ["--set", "run.steps=20"], env=subprocess_env(), cwd=REPO).returncode == 0
+    old = metrics.read(out)["attrs"]["run_id"]
+    job = subprocess.Popen(base + ["--set", "run.steps=150", "--overwrite"], env=subprocess_env(
+        CDMPI_TEST_STEP_SLEEP=0.01), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: Path(str(out) + ".lock").exists(), job)
+    watcher = run_main(["watch", out, "--interval", "0.1"])
+    assert finish(job, timeout=120)[0] == 0
+    new = metrics.read(out)["attrs"]["run_id"]
+    assert watcher.returncode == 0 and new != old
+    assert f"run {new}" in watcher.stdout and old not in watcher.stdout, watcher.stdout
+    assert "finished after 150 steps" in watcher.stdout
+
+
+def test_watch_of_a_finished_file_shows_no_speed(tmp_path):
+    out = tmp_path / "w.h5"
+    assert run_main(["train", MUSHROOMS, "--backend", "local", "--workers", 2, "--set", "run.steps=30",
+                     "--out", out]).returncode == 0
+    watcher = run_main(["watch", out])
+    assert watcher.returncode == 0 and "finished after 30 steps" in watcher.stdout
+    assert "step/s" not in watcher.stdout + watcher.stderr
 
 
 def test_watch_says_when_a_run_ends_without_finishing(tmp_path):

@@ -230,6 +230,18 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     assert metrics.read(out)["train"]["step"][-1] == step - 1  # every row before the checkpoint is on disk
 
 
+@pytest.mark.mpi
+def test_sigint_to_mpiexec_ends_the_job_at_once(tmp_path, cfg_path):
+    """Ctrl-C: every rank, waiting in a collective or not, ends with the job, not when a watchdog fires."""
+    out = tmp_path / "run.h5"
+    job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "run.steps=100000",
+                         "--set", "comm.timeout=600"], CDMPI_TEST_STEP_SLEEP=0.05)
+    wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size > 0, job)
+    os.kill(job.pid, signal.SIGINT)
+    rc, err = finish(job, timeout=60)  # the watchdog would act after 600 s
+    assert rc != 0 and "interrupted" in err, (rc, err)
+
+
 # ---- 5. divergence ---------------------------------------------------------------------------------------
 
 @pytest.mark.mpi

@@ -9,7 +9,7 @@ import pytest
 from cdmpi import metrics, sweep
 from cdmpi.errors import CdmpiError
 
-from conftest import run_cdmpi as _run_cdmpi, run_main
+from conftest import REPO, run_cdmpi as _run_cdmpi, run_main
 
 
 def run_cdmpi(args, **kw):
@@ -177,3 +177,24 @@ def test_sweep_under_mpi_matches_in_process(tmp_path, small_config):
             assert a.attrs["backend"] == "local" and b.attrs["backend"] == "mpi"
             for column in ("loss", "grad_norm_sq", "bits_up"):
                 np.testing.assert_array_equal(a["train"][column][()], b["train"][column][()])
+
+
+def test_one_colour_per_method_in_every_figure():
+    """plot.method_colour is the only mapping: every method of the catalog has its own colour, the sharded
+    topology a shade of its own, and the answer never depends on which other runs a figure holds."""
+    from cdmpi import catalog, plot
+
+    algorithms = list(catalog.ALGORITHMS)
+    colours = {(a, t): plot.method_colour(a, t) for a in algorithms for t in ("star", "sharded")}
+    assert len(set(colours.values())) == len(colours)
+    assert plot.method_colour("cdadam") == plot.method_colour("cdadam", "star")
+    for script in ("results/digits/figure.py", "results/network/make_readme.py"):
+        text = (REPO / script).read_text()
+        assert "method_colour" in text and "tab:" not in text and "cmap" not in text, script
+
+
+def test_labels_name_the_quantity_and_every_run(tmp_path):
+    from cdmpi import plot
+
+    assert plot.quantity("grad_norm_sq", "logreg on mushrooms: 8124 samples") == \
+        "‖∇f(x_t)‖² (grad_norm_sq), logreg on mushrooms"

@@ -115,6 +115,9 @@ def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Bu
     d = cfg.problem.dim
     if d <= 0:
         raise CdmpiError(f"problem quadratic needs problem.dim > 0, got {d}")
+    element, local = torch.finfo(dtype).bits // 8, len(worker_indices)
+    check_memory(f"quadratic with d = {d} and {local} worker(s) here",  # each worker also holds its c_i
+                 local * (VECTORS_PER_WORKER + 1) * d * element + (VECTORS_PER_SERVER + 1) * d * 8)
     shards = {i: QuadraticShard(d, i, n_workers, cfg.run.seed, dtype, device) for i in worker_indices}
     x0 = torch.zeros(d, dtype=dtype, device=device)
     return Built(d, x0, shards, f"quadratic 0.5 ||x - c_i||^2, d = {d}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CdmpiError
-from ..metrics import Share
+from ..rows import Share
 from .sampling import RandomRows
 
 MAX_DENSE_ELEMENTS = 400_000_000  # 3.2 GB in float64 per shard
@@ -74,7 +74,7 @@ class LogRegShard:
                 f_i = loss_sum / a.shape[0] + reg_value
                 all_rows = torch.cat([(loss_sum / self.n_total + reg_value / self.n_workers).reshape(1),
                                       grad_sum / self.n_total + reg_grad / self.n_workers])
-                # in the compute dtype; the server converts to float64 and divides (metrics.Share)
+                # in the compute dtype; the server converts to float64 and divides (rows.Share)
                 share = {"loss_and_grad": Share(torch.cat([f_i.reshape(1), grad]), self.n_workers),
                          "loss_and_grad_all_rows": Share(all_rows)}
         return grad, share

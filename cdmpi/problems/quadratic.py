@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..metrics import Share
+from ..rows import Share
 from .sampling import RandomRows
 
 
@@ -34,7 +34,7 @@ class QuadraticShard:
 
     def evaluate(self, x: torch.Tensor, rows=None, want_share: bool = False):
         """(g_i, shares): g_i = x - c_i (in a buffer reused every step); shares {"loss_and_grad":
-        [f_i / n, g_i / n]} in float64, g_i travelling in the compute dtype (metrics.Share)."""
+        [f_i / n, g_i / n]} in float64, g_i travelling in the compute dtype (rows.Share)."""
         torch.sub(x, self.center, out=self.grad)
         share = None
         if want_share:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates results/digits/{accuracy.png,table.md}: four runs of configs/digits/small_cnn.toml
-# (in-process backend, which is bit-identical to MPI), then the figure. About 5 minutes on 2 cores.
+# Regenerates results/digits/{accuracy.png,table.md}: six runs of configs/digits/small_cnn.toml
+# (in-process backend, which is bit-identical to MPI), then the figure. About 1 to 2 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}

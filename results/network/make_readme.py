@@ -17,11 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 from cdmpi import project  # noqa: E402
+from cdmpi.plot import method_colour  # noqa: E402
 
 ALLREDUCE = "AMSGrad, fp32 ring Allreduce"
 RATES = {"100mbit": 0.1, "1gbit": 1.0, "10gbit": 10.0, "none": None}
-COLOURS = {"CD-Adam, star": "tab:red", "CD-Adam, sharded": "tab:orange", "AMSGrad, fp32 frames (star)": "tab:blue",
-           ALLREDUCE: "tab:purple", "1-bit Adam (after 1 warm-up step)": "tab:green", "EF21 (top-k 1.6%)": "tab:brown"}
+COLOURS = {"CD-Adam, star": method_colour("cdadam"), "CD-Adam, sharded": method_colour("cdadam", "sharded"),
+           "AMSGrad, fp32 frames (star)": method_colour("amsgrad"), ALLREDUCE: method_colour("amsgrad", "allreduce"),
+           "1-bit Adam (after 1 warm-up step)": method_colour("onebit-adam"), "EF21 (top-k 1.6%)": method_colour("ef21")}
 
 
 def ms(s: float) -> str:
@@ -85,6 +87,45 @@ def figure(results: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def targets(results: dict) -> str:
+    entry = results["rates"].get("1gbit", {})
+    if ALLREDUCE not in entry:
+        return ""
+    ring = entry[ALLREDUCE]["median"]["step"]
+    lines = ["| method | median step at 1 Gbit/s | / fp32 ring Allreduce | target | met |", "|---|---|---|---|---|"]
+    for name, goal in (("CD-Adam, sharded", 0.1), ("CD-Adam, star", 0.2)):
+        if name in entry:
+            ratio = entry[name]["median"]["step"] / ring
+            lines.append(f"| {name} | {ms(entry[name]['median']['step'])} ms | {ratio:.2f} | <= {goal:g} | "
+                         f"{'yes' if ratio <= goal else 'no'} |")
+    return "\n".join(lines)
+
+
+def digits_table(results: dict) -> str:
+    lines = ["| link | method | steps to 90% | wall s to 90% | bits to 90% | final accuracy | wall s of the run |",
+             "|---|---|---|---|---|---|---|"]
+    for rate, methods in results.get("digits", {}).items():
+        for name, r in methods.items():
+            lines.append(f"| {rate} | {name} | {r.get('step_to_90', 'never')} | "
+                         f"{r['wall_to_90']:.1f} | {r['bits_to_90']:.3e} | {r['final_accuracy']:.4f} | "
+                         f"{r['wall_seconds']:.0f} |" if "step_to_90" in r else
+                         f"| {rate} | {name} | never | - | - | {r['final_accuracy']:.4f} | {r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def metrics_table(results: dict) -> str:
+    lines = ["| link | rows | wall s per step | metric bytes per logged step at rank 0 | frame bytes per step at rank 0 "
+             "| cost of the rows |", "|---|---|---|---|---|---|"]
+    for rate, cases in results.get("metrics_cost", {}).items():
+        base = cases.get("first and last step only", {}).get("wall_per_step")
+        for label, r in cases.items():
+            cost = f"{(r['wall_per_step'] - base) / r['wall_per_step']:.0%} of the step" \
+                if base and label != "first and last step only" else "-"
+            lines.append(f"| {rate} | {label} ({r['rows']} rows) | {r['wall_per_step']:.4f} | "
+                         f"{r['metrics_nbytes_per_logged_step']:,.0f} | {r['frame_nbytes_per_step']:,.0f} | {cost} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results.json"
     results = json.loads(path.read_text())
@@ -96,6 +137,9 @@ def main() -> None:
         check = " ".join(entry.get("check", []))
         parts.append(f"### {rate if rate != 'none' else 'unshaped links'}\n\nThroughput check: `{check}`\n\n"
                      f"{rate_table(rate, entry)}\n")
+    parts.append(f"### Targets (4 workers, d = {results['dim']:,}, 1 Gbit/s)\n\n{targets(results)}\n")
+    parts.append(f"### Digits to 90% test accuracy\n\n{digits_table(results)}\n")
+    parts.append(f"### The cost of metric rows\n\n{metrics_table(results)}\n")
     Path(HERE / "tables.md").write_text("\n".join(parts))
     print("\n".join(parts))
 
