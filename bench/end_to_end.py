@@ -87,22 +87,23 @@ def run_allreduce(transport, d: int, steps: int):
         timer.lap("gather")
         state.step(params, grad_sum.div_(n), 1e-3)
         timer.lap("update")
-        timer.steps += 1
-    transport.gather_stats(timer.per_step().reshape(1, -1))
+        timer.end_step()
+    transport.gather_stats(timer.medians()[:len(PHASES)].reshape(1, -1))
     return None
 
 
 def breakdown(timing: dict, sharded: bool = False) -> dict:
-    """Seconds per step: worker means of compute, encode, update; the aggregate (star: the server's, which the
-    workers wait for inside Bcast, so communicate = their gather + broadcast less it; sharded: the workers'
-    own slice work, a phase of its own)."""
+    """Seconds per step, each phase's median over the steps (timing/*_median; the first step's one-off costs
+    and the logged steps' metric shares stay out): the workers' mean of compute, encode, update; the
+    aggregate (star: the server's, which the workers wait for inside Bcast, so communicate = their gather +
+    broadcast less it; sharded: the workers' own slice work, a phase of its own)."""
     phases = ("compute", "encode", "gather", "aggregate", "broadcast", "update")
-    w = {p: statistics.fmean(timing[f"worker_{p}"]) for p in phases}
+    w = {p: statistics.fmean(timing[f"worker_{p}_median"]) for p in phases}
     if sharded:
         return {"compute": w["compute"], "encode": w["encode"], "communicate": w["gather"] + w["broadcast"],
                 "decode+aggregate": w["aggregate"], "update": w["update"],
                 "optimizer+communication": sum(w[p] for p in phases[1:])}
-    aggregate = float(timing["server_aggregate"][0])
+    aggregate = float(timing["server_aggregate_median"][0])
     return {"compute": w["compute"], "encode": w["encode"], "communicate": w["gather"] + w["broadcast"] - aggregate,
             "decode+aggregate": aggregate, "update": w["update"],
             "optimizer+communication": w["encode"] + w["gather"] + w["broadcast"] + w["update"]}
@@ -148,7 +149,7 @@ def main() -> None:
         text = table(["d", "algorithm", "compute ms", "encode ms", "communicate ms", "decode+aggregate ms",
                       "update ms", "optimizer+communication ms", "vs Allreduce", "bytes per step up / down"], rows)
         publish("4_end_to_end", f"4. End-to-end steps under mpiexec, {transport.n_workers} workers", text,
-                "Times are per step, means over the workers (server: rank 0's aggregate, which includes the "
+                "Times are per step: each phase's median over the steps, means over the workers (server: rank 0's aggregate, which includes the "
                 "re-compression of the download frame). optimizer+communication = a worker's encode + Gather + "
                 "Bcast + update wall time, so it includes the server's work the worker waits for. Bytes per "
                 "step are the frames; the bytes handed to MPI are checked equal to them plus the 40-byte control word "

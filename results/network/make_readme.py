@@ -44,7 +44,7 @@ def predicted(entry: dict, name: str, gbit: float | None) -> float | None:
 def rate_table(rate: str, entry: dict) -> str:
     gbit = RATES.get(rate)
     head = ("| method | median step ms | compute | encode | gather | aggregate | broadcast | update | "
-            "bytes per step on the busiest link (in + out) | metric bytes per logged step at rank 0 | "
+            "bytes per step on the busiest link | metric bytes per logged step at rank 0 | "
             "`cdmpi project` ms | project / measured |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in entry.items():
@@ -60,7 +60,7 @@ def rate_table(rate: str, entry: dict) -> str:
         else:
             lines.append(f"| {name} | {ms(md['step'])} | {ms(md['compute'])} | {ms(md['encode'])} | {ms(md['gather'])} "
                          f"| {ms(md['aggregate'])} | {ms(md['broadcast'])} | {ms(md['update'])} | "
-                         f"{r['rank0_link_nbytes']:,.0f} | {r['metrics_nbytes_per_logged_step']:,.0f} | "
+                         f"{r['model']['link_bytes']:,.0f} | {r['metrics_nbytes_per_logged_step']:,.0f} | "
                          f"{ms(p) if p else '–'} | {ratio} |")
     return "\n".join(lines)
 
