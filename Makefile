@@ -55,7 +55,7 @@ reproduce-digits: install
 
 # Step times on an emulated cluster (root: network namespaces and tc), every method at 100 Mbit/s, 1 and
 # 10 Gbit/s and unshaped, digits to 90% at 100 Mbit/s and 1 Gbit/s, the cost of metric rows: about
-# 25 minutes on 2 cores. Writes results/network/ (README tables, results.json, step_time.png).
+# 20 minutes on 2 cores. Writes results/network/ (README tables, results.json, step_time.png).
 reproduce-network: install
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) bench/network.py
 	$(PY) results/network/make_readme.py

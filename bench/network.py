@@ -218,6 +218,7 @@ def main() -> None:
     finally:
         sh(NETCLUSTER, "down", check=False)
     results["bench_seconds"] = time.monotonic() - started
+    results.setdefault("seconds_per_command", []).append(round(results["bench_seconds"], 1))
     out.write_text(json.dumps(results, indent=1))
     print(f"bench/network.py: {time.monotonic() - started:.0f} s; {out}", file=sys.stderr)
 

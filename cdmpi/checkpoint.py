@@ -336,6 +336,7 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
     if status == "error":
         raise CdmpiError(value if transport.is_server else "see the server's error")
     found, strict = value
+    unfit: list[str] = []  # why newer checkpoints did not fit this run
     for path_text, manifest in found:
         path = Path(path_text)
         verdict = None
@@ -350,8 +351,7 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
         if verdict != "ok":
             if strict:
                 raise CdmpiError(verdict if transport.is_server else "see the server's error")
-            if warn is not None and transport.is_server:  # auto: another run's checkpoint, or another config
-                warn(f"{verdict}; trying an older checkpoint")
+            unfit.append(verdict)  # auto: another run's checkpoint, or this one's under another config
             continue
         states, error = _read_own(session, path, manifest)
         errors = transport.collect(error)
@@ -366,6 +366,9 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
             continue
         if decision != "use":
             raise CdmpiError(decision[1] if transport.is_server else "see the server's error")
+        if unfit and warn is not None and transport.is_server:
+            for why in unfit:
+                warn(f"skipped a newer checkpoint: {why}")
         for name, (role, runtime) in session.roles().items():
             try:
                 runtime.load_state_dict(states[name])
@@ -376,6 +379,8 @@ def restore(session, spec: str, root: Path, warn=None) -> dict | None:
     if spec != "auto":
         raise CdmpiError(f"--resume {spec}: no valid checkpoint found in {Path(spec)}" if transport.is_server
                          else "see the server's error")
+    if unfit:  # none fits: the newest one's reason is the answer
+        raise CdmpiError(unfit[0] if transport.is_server else "see the server's error")
     return None
 
 

@@ -390,6 +390,16 @@ def cmd_plot(args) -> int:
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    metrics = sys.modules.get("cdmpi.metrics")
+    if metrics is not None and metrics.abandoned():  # a full disk: end before HDF5 writes the file again
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv=None) -> int:
     # First thing: a SIGTERM while a run starts (imports, data loading) must stop it with exit status 75,
     # not end the process; the other commands get SIGTERM's usual meaning back once they are known.
     stop = StopOnSigterm().install()

@@ -178,6 +178,7 @@ class MetricsWriter:
         if not any(self._rows.values()):
             return
         fh = self._fh
+        touched = []  # the datasets this flush writes
         try:
             pending = [g for g, rows in self._rows.items() if rows]
             if any(g not in fh or any(c not in fh[g] for c in self.columns[g]) for g in pending):
@@ -187,15 +188,20 @@ class MetricsWriter:
             columns = {(group, name): np.asarray([r.get(name, np.nan if dtype == np.float64 else 0)
                                                   for r in self._rows[group]], dtype=dtype)
                        for group in pending for name, dtype in self.columns[group].items()}
-            # `step` last: readers take the rows every column has, so a flush cut short (a full disk, a kill)
-            # leaves no row whose other columns read as fill values
-            for (group, name), values in sorted(columns.items(), key=lambda item: item[0][1] == "step"):
-                ds = fh[group][name]
-                start = ds.shape[0]
-                ds.resize((start + len(values),))
-                ds[start:] = values
-            fh.flush()
+            # `step` last, after the other columns are on disk: readers take the rows every column has, so a
+            # flush cut short (a full disk, a kill) leaves no row whose other columns read as fill values
+            for last in (False, True):
+                for (group, name), values in columns.items():
+                    if (name == "step") == last:
+                        ds = fh[group][name]
+                        touched.append(ds)
+                        start = ds.shape[0]
+                        ds.resize((start + len(values),))
+                        ds[start:] = values
+                fh.flush()
         except (OSError, RuntimeError) as err:  # h5py reports some write failures (ENOSPC) as RuntimeError
+            ABANDONED.extend(touched)  # not collected either: see _abandon
+            self._abandon()
             raise CdmpiError(f"cannot write metrics file {self.path}: {_first_line(err)}") from None
         for rows in self._rows.values():
             rows.clear()
@@ -224,6 +230,17 @@ class MetricsWriter:
         else:
             self._fh[name][...] = array
         self._fh.flush()
+
+    def _abandon(self) -> None:
+        """After a failed write: this writer writes nothing more. The HDF5 handle is kept, not closed:
+        closing it (or collecting it at exit) makes HDF5 write again, fail again and, with h5py, print a
+        traceback per object or crash; the process ends through `abandoned()` without closing it. The rows
+        on disk stay as the last whole flush left them."""
+        if self._fh is not None:
+            ABANDONED.append(self._fh)
+        self._fh = None
+        for rows in self._rows.values():
+            rows.clear()
 
     def close(self) -> None:
         if self._fh is None:
@@ -265,8 +282,22 @@ def rows_digest(groups: dict, step: int) -> str:
     return digest.hexdigest()
 
 
+ABANDONED: list = []  # HDF5 files a failed write left open (see MetricsWriter._abandon)
+
+
+def abandoned() -> bool:
+    """Whether a metrics file was abandoned after a failed write: the process must then end with os._exit,
+    before HDF5's own clean-up tries to write it again."""
+    return bool(ABANDONED)
+
+
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """One line of an HDF5 error: its system error where it names one (HDF5's text spans several lines)."""
+    import re
+
+    text = str(err)
+    found = re.search(r"error message = '([^']+)'", text)
+    return found.group(1) if found else (text.strip().splitlines() or [type(err).__name__])[0]
 
 
 def _truncated(path: Path) -> bool:

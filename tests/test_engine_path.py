@@ -29,17 +29,17 @@ lr = 0.001
 every = 0
 """
 
-# Under mpiexec: each rank records every wire.compiled call of the real `cdmpi train`, then writes them out.
-PROBE = """
-import json, sys
-from cdmpi import metrics, wire
-from cdmpi.timing import PHASES
+# Records every wire.compiled call (d, the tensors' dimensions, whether the kernels were given): run in
+# this process by exec, and on every rank of an MPI job in PROBE, around the real `cdmpi train`.
+SPY = """
 calls = []
 real = wire.compiled
 def spy(d, *tensors):
     k = real(d, *tensors)
     calls.append([d, [t.dim() for t in tensors], k is not None])
     return k
+"""
+PROBE = "import json, sys\nfrom cdmpi import wire\n" + SPY + """
 wire.compiled = spy
 from cdmpi import cli
 code = cli.main(sys.argv[2:])
@@ -59,15 +59,10 @@ def check(calls: list) -> None:
 
 @pytest.mark.parametrize("topology", ["star", "sharded"])
 def test_in_process_run_takes_the_compiled_kernels(tmp_path, monkeypatch, topology):
-    calls = []
-    real = wire.compiled
-
-    def spy(d, *tensors):
-        k = real(d, *tensors)
-        calls.append([d, [t.dim() for t in tensors], k is not None])
-        return k
-
-    monkeypatch.setattr(wire, "compiled", spy)
+    spying = {"wire": wire}
+    exec(SPY, spying)
+    monkeypatch.setattr(wire, "compiled", spying["spy"])
+    calls = spying["calls"]
     config = write_config(tmp_path / "q.toml", CONFIG)
     result = run_main(["train", config, "--backend", "local", "--set", f'comm.topology="{topology}"',
                        "--out", tmp_path / "run.h5", "--quiet"])

@@ -140,8 +140,44 @@ def main() -> None:
     parts.append(f"### Targets (4 workers, d = {results['dim']:,}, 1 Gbit/s)\n\n{targets(results)}\n")
     parts.append(f"### Digits to 90% test accuracy\n\n{digits_table(results)}\n")
     parts.append(f"### The cost of metric rows\n\n{metrics_table(results)}\n")
-    Path(HERE / "tables.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    tables = "\n".join(parts)
+    Path(HERE / "tables.md").write_text(tables)
+    commands = "\n".join(f"    {c}" for c in results.get("commands", []))
+    readme = f"""# Step time on links slower than memory: an emulated cluster
+
+Regenerate everything here (about 20 minutes on the 2-core development machine, as root: the full
+`bench/network.py` run below took 1,212 s) with
+
+    make reproduce-network     # bench/network.py, then results/network/make_readme.py
+
+These files came from
+
+{commands}
+
+at commit 5836492 (the 1-bit Adam row at 100 Mbit/s was run again alone at 9c8681d: its first run shared the
+cores with another job), then `python results/network/make_readme.py`.
+
+Setup: `bench/netcluster.sh` makes {results['workers'] + 1} network namespaces n1..n{results['workers'] + 1}, one per MPI rank (rank 0, the
+server, on n1), each on its own veth link shaped in both directions by tc's token bucket to the rate; MPICH
+talks TCP over those links only (UCX_TLS=tcp,self). Every node shares this machine's 2 cores, so ranks
+wait sleeping (`comm.wait = "sleep"`). Each cdmpi method is `cdmpi train bench/quadratic.toml` with
+problem.dim = {results['dim']:,} (ResNet-18's size), float32, {results['workers']} workers, {results['steps']} steps, rows at the first and last
+step only; the tables give the median over the steps of each phase and of the whole step
+(timing/*_median: a logged step is not a typical one) and the bytes on the busiest link per step: rank 0's
+frames and control words in and out (star), a worker's inbound slices (sharded), each checked against the
+frame-size formula by the benchmark. The fp32 ring Allreduce is `bench/ring_allreduce.py` on n1..n{results['workers']} (the
+same gradient and AMSGrad step, outside the engine, which has no Allreduce). `cdmpi project` is fed each
+run's median phases and the nominal rate (no latency term).
+
+![step time against link rate](step_time.png)
+
+{tables}
+"""
+    discussion = HERE / "discussion.md"
+    if discussion.exists():
+        readme += "\n" + discussion.read_text()
+    (HERE / "README.md").write_text(readme)
+    print(readme)
 
 
 if __name__ == "__main__":
