@@ -574,8 +574,10 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
             return [value]
         return _in_process(job, fn)
     finally:
-        if backend != "mpi":  # an MPI rank ends with the run: a SIGTERM after its stop must not kill it
+        if backend != "mpi":
             stop.uninstall()
+        else:  # an MPI rank ends with the run: a SIGTERM after its stop must not change its exit status
+            stop.settle()
 
 
 def _prepare(prepared: dict, transport, settings, out, workers) -> None:

@@ -409,7 +409,12 @@ def _main(argv=None) -> int:
             stop.uninstall(deliver=True)
         commands = {"data": cmd_data, "sweep": cmd_sweep, "report": cmd_report, "watch": cmd_watch,
                     "plot": cmd_plot, "project": cmd_project}
-        return cmd_train(args, stop) if args.command == "train" else commands[args.command](args)
+        if args.command != "train":
+            return commands[args.command](args)
+        try:
+            return cmd_train(args, stop)
+        finally:
+            stop.settle()  # see StopOnSigterm.settle: a late SIGTERM must not turn 75 or 0 into 15
     except CdmpiError as err:
         print(f"cdmpi: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -34,6 +34,15 @@ class StopOnSigterm:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
+    def settle(self) -> None:
+        """The run has ended and its exit status is decided: a later SIGTERM changes nothing, so from now on
+        it is ignored, through MPI_Finalize and the interpreter's shutdown. (At shutdown Python puts the
+        default action back for signals it handled, so a SIGTERM that reached a rank while MPI_Finalize
+        waited for the others ended it with status 15, and mpiexec or srun reported 15, not 75; an ignored
+        signal stays ignored.)"""
+        self._previous = None
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         self.signals += 1
 
