@@ -90,12 +90,9 @@ def engine_run(path: Path, n: int, d: int) -> dict:
     assert np.allclose(inbound, formula, rtol=0, atol=1e-6), (path, inbound.tolist(), formula)
     link = float(np.max(inbound)) + (float(comm["outbound_nbytes_per_step"][0]) if not sharded else
                                      float(np.max(comm["outbound_nbytes_per_step"])))
-    m = project.measured(path)
-    for p in ("compute", "encode", "aggregate", "update"):  # the model, fed the medians
-        m[p] = median[p]
+    m = project.measured(path, medians=True)  # the model of the typical step: medians, no metric rows
     if not sharded:  # the median step's frames: after 1-bit Adam's fp32 warm-up, which the run's mean includes
         m["link_bytes"] = n * (2 * H + int(attrs["up_frame_nbytes"]) + int(attrs["down_frame_nbytes"]))
-    m["metrics_bytes"] = 0.0  # the median step is one that logs nothing (rows at the first and last step only)
     return {"median": median, "steps": steps, "inbound_nbytes_per_step": inbound.tolist(),
             "outbound_nbytes_per_step": comm["outbound_nbytes_per_step"].tolist(), "rank0_link_nbytes": link,
             "metrics_nbytes_per_logged_step": float(comm["metrics_inbound_nbytes_per_logged_step"][0]),

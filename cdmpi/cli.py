@@ -160,6 +160,9 @@ def _project_parser(sub) -> None:
     p.add_argument("files", nargs="+", help="HDF5 metrics files")
     p.add_argument("--bandwidth", default="1,10,100", help="link bandwidths in Gbit/s, comma-separated")
     p.add_argument("--latency", type=float, default=5e-6, help="one-way latency per message in seconds")
+    p.add_argument("--medians", action="store_true",
+                   help="project the typical step: each phase's median over the steps, no metric bytes "
+                        "(default: the means over the run, logged rows and first-step costs included)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
@@ -375,7 +378,7 @@ def cmd_project(args) -> int:
     bandwidths = project.parse_list(args.bandwidth, "--bandwidth")
     if args.latency < 0:
         raise CdmpiError(f"--latency must be >= 0, got {args.latency}")
-    rows = project.rows(analysis.expand(args.files), bandwidths, args.latency)
+    rows = project.rows(analysis.expand(args.files), bandwidths, args.latency, args.medians)
     print(json.dumps(rows, indent=1) if args.json else project.format_table(rows, bandwidths))
     return 0
 

@@ -20,16 +20,17 @@ QUANTITIES = {"grad_norm_sq": "‖∇f(x_t)‖²", "loss": "f(x_t)", "grad_norm_
               "loss_all_rows": "f(x_t), (7.1)", "accuracy": "test accuracy", "wall_time": "wall time (s)"}
 
 # One colour per method in every figure cdmpi draws (plot, results/digits, results/network): a method keeps
-# its colour from figure to figure; the sharded topology is a darker shade of its method's.
+# its colour from figure to figure; CD-Adam's sharded topology has a colour of its own, the other methods'
+# a darker shade of theirs.
 METHOD_COLOURS = {
-    ("cdadam", "star"): "#d62728", ("cdadam", "sharded"): "#8c1a1b",
+    ("cdadam", "star"): "#d62728", ("cdadam", "sharded"): "#e377c2",
     ("amsgrad", "star"): "#1f77b4", ("amsgrad", "sharded"): "#124a73", ("amsgrad", "allreduce"): "#6a3d9a",
     ("amsgrad-ef", "star"): "#2ca02c", ("amsgrad-ef", "sharded"): "#1b641b",
     ("amsgrad-naive", "star"): "#7f7f7f", ("amsgrad-naive", "sharded"): "#4d4d4d",
     ("ef21", "star"): "#8c564b", ("ef21", "sharded"): "#5a372f",
     ("onebit-adam", "star"): "#ff7f0e", ("onebit-adam", "sharded"): "#a65309",
 }
-OTHER_COLOURS = ["#17becf", "#bcbd22", "#e377c2", "#9467bd", "#393b79", "#637939"]
+OTHER_COLOURS = ["#17becf", "#bcbd22", "#9467bd", "#393b79", "#637939", "#843c39"]
 
 
 def method_colour(algorithm: str, topology: str = "star") -> str:
@@ -44,6 +45,8 @@ def quantity(column: str, problem: str | None = None) -> str:
     """The y axis label of a column: what it is, and of which objective."""
     name = QUANTITIES.get(column, column)
     objective = (problem or "").split(":")[0].split(",")[0].strip()
+    if len(objective) > 28:  # a formula (the quadratic's): its name is enough
+        objective = objective.split()[0]
     return f"{name} ({column}){', ' + objective if objective and column != 'wall_time' else ''}"
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (1, 3))]
 

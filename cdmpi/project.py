@@ -50,10 +50,16 @@ def parse_list(text: str, what: str) -> list[float]:
     return values
 
 
-def measured(path: str | Path) -> dict:
-    """Seconds per step of each phase and bytes per step of a metrics file with timing/."""
+def measured(path: str | Path, medians: bool = False) -> dict:
+    """Seconds per step of each phase and bytes per step of a metrics file with timing/. medians: each
+    phase's median over the steps (timing/*_median) and no metric bytes: the typical step, which logs no
+    row; otherwise the means over the run, logged rows and one-off first-step costs included."""
     run = metrics.read(path)
     timing = run.get("timing")
+    if medians:
+        if "worker_compute_median" not in (timing or {}):
+            raise CdmpiError(f"{path} has no timing/*_median (made by an older cdmpi): project it without --medians")
+        timing = {key[: -len("_median")]: value for key, value in timing.items() if key.endswith("_median")}
     if not timing:
         raise CdmpiError(f"{path} has no timing/ group: it is not the metrics file of a whole run")
     train, attrs = run["train"], run["attrs"]
@@ -72,7 +78,7 @@ def measured(path: str | Path) -> dict:
         link_bytes = up_bytes + down_bytes + 2 * n * HEADER_NBYTES
     per_logged = run.get("comm", {}).get("metrics_inbound_nbytes_per_logged_step")
     logged = len(train["step"]) + len(run.get("eval", {}).get("step", ()))
-    metrics_bytes = float(per_logged[0]) * min(logged, steps) / steps if per_logged is not None else 0.0
+    metrics_bytes = float(per_logged[0]) * min(logged, steps) / steps if per_logged is not None and not medians else 0.0
     return {"path": str(path), "algorithm": attrs["algorithm"], "compressor": attrs["compressor"],
             "topology": "sharded" if sharded else "star",
             "n_workers": n, "dim": int(attrs["dim"]), "backend": attrs["backend"],
@@ -99,11 +105,11 @@ def ring_allreduce_step(m: dict, gbit_per_s: float, latency: float) -> float:
             + (2 * (n - 1) / n * 4 * m["dim"] + m.get("metrics_bytes", 0.0)) / bytes_per_s)
 
 
-def rows(paths, bandwidths: list[float], latency: float) -> list[dict]:
+def rows(paths, bandwidths: list[float], latency: float, medians: bool = False) -> list[dict]:
     """Two rows per file: the star model of the measured run, and the ring-Allreduce comparison."""
     out = []
     for path in paths:
-        m = measured(path)
+        m = measured(path, medians)
         ring_bytes = 2 * (m["n_workers"] - 1) / m["n_workers"] * 4 * m["dim"]
         out.append({**m, "run": f"{Path(path).name}", "model": f"{m['topology']} (as measured)",
                     "compute ms": 1e3 * m["compute"],
