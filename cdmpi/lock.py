@@ -80,8 +80,9 @@ def describe(holder: dict) -> str:
 class RunLock:
     """Hold with acquire() and release() (or as a context manager)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str | None = None):
         self.path = Path(path)
+        self.what = what or str(self.path.with_suffix(""))  # what the lock guards, for messages
         self._fd: int | None = None
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm_job(),
                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -102,7 +103,7 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise CdmpiError(f"cannot make the folder of {self.path.with_suffix('')}: {err.strerror or err} "
+            raise CdmpiError(f"cannot make the folder of {self.what}: {err.strerror or err} "
                              f"({self.path.parent}); choose an --out in a folder you can write") from None
         for _ in range(3):  # a holder may release (and remove the file) between our open and our flock
             try:
@@ -112,7 +113,7 @@ class RunLock:
                 if holder:  # another user's lock file: say whose run it is
                     state = "in use by" if not self._stale(holder) and _pid_alive_anywhere(holder) else \
                         "locked by a file of an ended run of"
-                    raise CdmpiError(f"{self.path.with_suffix('')} is {state} another user's run "
+                    raise CdmpiError(f"{self.what} is {state} another user's run "
                                      f"({describe(holder)}); {err.strerror}: {self.path}") from None
                 raise CdmpiError(f"cannot write {self.path}: {err.strerror or err}; choose an --out in a folder "
                                  f"you can write") from None
@@ -126,7 +127,7 @@ class RunLock:
                 if self._stale(holder):
                     self.path.unlink(missing_ok=True)  # our own job's earlier run, on a node that is gone
                     continue
-                raise CdmpiError(f"{self.path.with_suffix('')} is in use by another run ({describe(holder)}); "
+                raise CdmpiError(f"{self.what} is in use by another run ({describe(holder)}); "
                                  f"wait for it to end or choose another --out") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -163,10 +164,36 @@ class RunLock:
         self.release()
 
 
-def lock_path(out: str | Path | None, checkpoint_root: Path | None) -> Path | None:
-    """RUN.h5.lock beside the metrics file, or (no metrics file) in the checkpoint folder."""
+def run_locks(out: str | Path | None, checkpoint_root: Path | None) -> "RunLocks | None":
+    """The locks of a run: RUN.h5.lock beside the metrics file, and run.lock in the checkpoint folder, which
+    two outputs can share (run.h5 and run.hdf5, or one checkpoint.dir): one run per folder, or the second
+    one's --overwrite would delete the first one's checkpoints."""
+    locks = []
     if out is not None:
-        return Path(str(out) + ".lock")
+        locks.append(RunLock(Path(str(out) + ".lock")))
     if checkpoint_root is not None:
-        return checkpoint_root / "run.lock"
-    return None
+        locks.append(RunLock(Path(checkpoint_root) / "run.lock", what=f"checkpoint folder {checkpoint_root}"))
+    return RunLocks(locks) if locks else None
+
+
+class RunLocks:
+    """Several RunLocks taken in order and released together; `me` names this process as each of them does."""
+
+    def __init__(self, locks: list[RunLock]):
+        self.locks = locks
+        self.me = locks[0].me
+
+    def acquire(self) -> None:
+        taken = []
+        try:
+            for lock in self.locks:
+                lock.acquire()
+                taken.append(lock)
+        except BaseException:
+            for lock in reversed(taken):
+                lock.release()
+            raise
+
+    def release(self) -> None:
+        for lock in reversed(self.locks):
+            lock.release()

@@ -8,6 +8,7 @@ Exit statuses: 0 done; 1 failed during training (every rank ends); 2 bad input (
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__, checkpoint
-from .lock import RunLock, slurm_job, lock_path
+from .lock import run_locks, slurm_job
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_STOPPED, AgreedError, CdmpiError, RunStopped, SetupFailed
 
 
@@ -77,11 +78,10 @@ def start(engine, out: str | Path | None, *, resume: str | None = None, overwrit
     if resume and root is None:
         raise CdmpiError("resume needs a run with checkpoints: give it an output file (or checkpoint.dir)")
     engine.agree_paths()
-    where = lock_path(out, root)
-    if where is not None:
-        lock = RunLock(where)
-        on_server(transport, lock.acquire)
-        engine.lock = lock if transport.is_server else None
+    locks = run_locks(out, root)
+    if locks is not None:
+        on_server(transport, locks.acquire)
+        engine.lock = locks if transport.is_server else None
     try:
         engine.checkpoint_root = root
         manifest = engine.resume(resume, root, warn=warn) if resume else None
@@ -188,6 +188,9 @@ def finish(body: Callable[[], object], transport, rank: int) -> tuple[int, objec
         transport.close()
 
 
+ABORT_GRACE_S = 0.5  # under load, a line printed just before MPI_Abort was lost with the killed ranks
+
+
 def exit_status(err: BaseException, transport, rank: int) -> int:
     """The exit status of a run that ended with `err`, said on stderr. An agreed error or stop is reported by
     rank 0 alone; any other exception by the rank it happened on, which then aborts the communicator, so that
@@ -206,6 +209,8 @@ def exit_status(err: BaseException, transport, rank: int) -> int:
     if not isinstance(err, CdmpiError):
         traceback.print_exception(err)
     if transport is not None:
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # the launcher forwards this rank's output before the abort tears it down
         transport.abort(EXIT_FAILURE)
     return EXIT_FAILURE
 

@@ -231,6 +231,24 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("second", ["mpiexec", "rank"])
+def test_a_second_sigterm_after_the_stop_keeps_exit_75(tmp_path, cfg_path, second):
+    """SIGTERM to mpiexec, then, while the ranks finish (checkpoint written, MPI_Finalize waiting), a
+    second one to mpiexec or to a rank: the status stays 75. Unpaced, twice each. (Python gives SIGTERM
+    its default action back at shutdown; a rank that got it in MPI_Finalize ended with 15.)"""
+    for trial in range(2):
+        out = tmp_path / f"run{trial}.h5"
+        job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "run.steps=100000",
+                             "--set", "checkpoint.every=0"])
+        wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size > 2, job)
+        os.kill(job.pid, signal.SIGTERM)
+        wait_for(lambda: any(out.with_suffix(".ckpt").glob("step-*[0-9]")), job)  # the stop's checkpoint
+        os.kill(job.pid if second == "mpiexec" else rank_pid(job, 2), signal.SIGTERM)
+        rc, err = finish(job, timeout=120)
+        assert rc == EXIT_STOPPED, (trial, rc, err)
+
+
+@pytest.mark.mpi
 def test_sigint_to_mpiexec_ends_the_job_at_once(tmp_path, cfg_path):
     """Ctrl-C: every rank, waiting in a collective or not, ends with the job, not when a watchdog fires."""
     out = tmp_path / "run.h5"

@@ -109,9 +109,15 @@ def test_a_second_job_on_a_running_jobs_output_changes_nothing(tmp_path, cfg_pat
         for extra in (["--overwrite"], ["--resume", "auto", "--overwrite"]):
             seconds[" ".join(extra)] = run_main(["train", cfg_path, "--backend", "local", "--out", out, "--quiet",
                                                  *extra])
+        # another output whose checkpoints share the folder (run.hdf5 -> run.ckpt): its --overwrite would
+        # delete the running job's checkpoints
+        sibling = run_main(["train", cfg_path, "--backend", "local", "--out", out.with_suffix(".hdf5"), "--quiet",
+                            "--overwrite"])
     finally:
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)
+    assert sibling.returncode == 2 and sibling.stderr.count("cdmpi: error") == 1, sibling.stderr
+    assert f"checkpoint folder {out.with_suffix('.ckpt')} is in use by another run" in sibling.stderr, sibling.stderr
     for extra, second in seconds.items():
         assert second.returncode == 2, (extra, second.stderr)
         assert f"{out} is in use by another run (host" in second.stderr and "pid" in second.stderr, second.stderr
