@@ -108,18 +108,29 @@ BUNDLED = {"mushrooms": Path(__file__).with_name("datasets") / "mushrooms.gz"}
 
 
 def _install(name: str, source: Path, dest: Path, opener=open) -> Path:
-    """Copy source (opened with opener) into dest atomically, keeping it only if its sha256 is name's."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
-        with opener(source, "rb") as fh:
-            shutil.copyfileobj(fh, tmp)
-    tmp_path = Path(tmp.name)
-    actual = sha256_of(tmp_path)
-    if actual != LIBSVM_SHA256[name]:
-        tmp_path.unlink()
-        raise CdmpiError(f"{source} has sha256 {actual[:12]}..., not {name}'s ({LIBSVM_SHA256[name][:12]}...)")
-    os.replace(tmp_path, dest)
-    return dest
+    """Copy source (opened with opener) into dest atomically, keeping it only if its sha256 is name's. The
+    file is readable by everyone (a cache may be shared); a full or read-only cache is one error, and no
+    temporary file is left behind."""
+    tmp_path = None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+            with opener(source, "rb") as fh:
+                shutil.copyfileobj(fh, tmp)
+        actual = sha256_of(tmp_path)
+        if actual != LIBSVM_SHA256[name]:
+            raise CdmpiError(f"{source} has sha256 {actual[:12]}..., not {name}'s ({LIBSVM_SHA256[name][:12]}...)")
+        os.chmod(tmp_path, 0o644)  # mkstemp makes files 0600: others sharing the cache could not read them
+        os.replace(tmp_path, dest)
+        tmp_path = None
+        return dest
+    except OSError as err:
+        raise CdmpiError(f"cannot write {dest} (the data cache, ${CACHE_DIR_ENV} to move it): "
+                         f"{err.strerror or err}") from None
+    finally:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def where(name: str) -> Path | None:

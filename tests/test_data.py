@@ -1,6 +1,9 @@
 """Datasets: LibSVM reading, label mapping, shards, lookup and checksums."""
 
 import hashlib
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -127,3 +130,34 @@ def test_synthetic_is_seeded():
     a, b = data.synthetic(50, 4, seed=1), data.synthetic(50, 4, seed=1)
     np.testing.assert_array_equal(a.features, b.features)
     assert not np.array_equal(a.features, data.synthetic(50, 4, seed=2).features)
+
+
+def _bundled_mushrooms(tmp_path):
+    import gzip
+
+    plain = tmp_path / "mushrooms"
+    plain.write_bytes(gzip.decompress(data.BUNDLED["mushrooms"].read_bytes()))
+    return plain
+
+
+def test_data_add_makes_a_file_others_can_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMPI_CACHE_DIR", str(tmp_path / "cache"))
+    name, path = data.add(_bundled_mushrooms(tmp_path))
+    assert name == "mushrooms" and path.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a small tmpfs needs root")
+@pytest.mark.parametrize("options", ["size=64k", "ro"])
+def test_data_add_to_a_full_or_read_only_cache_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, options):
+    source = _bundled_mushrooms(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(cache)]).returncode != 0:
+        pytest.skip("could not mount a tmpfs here")
+    try:
+        monkeypatch.setenv("CDMPI_CACHE_DIR", str(cache))
+        with pytest.raises(CdmpiError, match="cannot write .*data cache"):
+            data.add(source)
+        assert not [p for p in cache.rglob("*") if p.is_file()]
+    finally:
+        subprocess.run(["umount", str(cache)])
