@@ -29,5 +29,5 @@ setup(
         "plot": ["matplotlib>=3.6"],
         "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib>=3.6"],
     },
-    entry_points={"console_scripts": ["cdmpi = cdmpi.cli:main"]},
+    entry_points={"console_scripts": ["cdmpi = cdmpi.__main__:run"]},
 )

@@ -405,7 +405,9 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     # First thing: a SIGTERM while a run starts (imports, data loading) must stop it with exit status 75,
     # not end the process; the other commands get SIGTERM's usual meaning back once they are known.
-    stop = StopOnSigterm().install()
+    from . import signals
+
+    stop = signals.EARLY if signals.EARLY is not None else StopOnSigterm().install()
     try:
         args = build_parser().parse_args(argv)
         if args.command != "train":

@@ -6,6 +6,18 @@ import os
 import signal
 
 
+EARLY: "StopOnSigterm | None" = None  # installed by the command's entry point before anything else
+
+
+def install_early() -> "StopOnSigterm":
+    """The `cdmpi` command's first act (cdmpi.__main__): SIGTERM becomes a stop request before the command
+    line module and its imports load, which is most of a rank's start-up before torch."""
+    global EARLY
+    if EARLY is None:
+        EARLY = StopOnSigterm().install()
+    return EARLY
+
+
 class StopOnSigterm:
     """SIGTERM (SLURM's warning before the time limit, or preemption) only asks for a stop: the ranks agree
     on it at the next step, write a checkpoint there and exit with status 75. Install it before anything

@@ -249,6 +249,37 @@ def test_a_second_sigterm_after_the_stop_keeps_exit_75(tmp_path, cfg_path, secon
 
 
 @pytest.mark.mpi
+def test_sigterm_to_every_rank_during_start_up_stops_with_75(tmp_path, cfg_path):
+    """As SLURM signals every task of a step: while the ranks still import and set up, unpaced, twice. Each
+    rank is signalled once it catches SIGTERM (/proc's SigCgt), the command's first act: a signal before
+    the interpreter runs that line ends a rank as SIGTERM's default action does."""
+    for trial in range(2):
+        out = tmp_path / f"run{trial}.h5"
+        job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "run.steps=100000"])
+        pids = {}
+
+        def every_rank_started():
+            for rank in range(RANKS):
+                if rank not in pids:
+                    try:
+                        pid = rank_pid(job, rank)
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except (pytest.fail.Exception, OSError):
+                        return False
+                    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt")), 16)
+                    if not caught & (1 << (signal.SIGTERM - 1)):
+                        return False
+                    pids[rank] = pid
+            return True
+
+        wait_for(every_rank_started, job)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGTERM)
+        rc, err = finish(job, timeout=120)
+        assert rc == EXIT_STOPPED and "stopped by SIGTERM at step" in err, (trial, rc, err)
+
+
+@pytest.mark.mpi
 def test_sigint_to_mpiexec_ends_the_job_at_once(tmp_path, cfg_path):
     """Ctrl-C: every rank, waiting in a collective or not, ends with the job, not when a watchdog fires."""
     out = tmp_path / "run.h5"
