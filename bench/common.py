@@ -71,5 +71,16 @@ def publish(name: str, title: str, text: str, notes: str = "", launcher: str = "
     return path
 
 
+def median_phases(timing: dict, sharded: bool) -> dict[str, float]:
+    """A run's typical step from its metrics file's timing/*_median: each phase's median, the workers' mean
+    (star: the aggregate is rank 0's, which the workers wait for in Bcast), and the whole step's."""
+    phases = ("compute", "encode", "gather", "aggregate", "broadcast", "update")
+    median = {p: statistics.fmean(timing[f"worker_{p}_median"]) for p in phases}
+    if not sharded:
+        median["aggregate"] = float(timing["server_aggregate_median"][0])
+    median["step"] = statistics.fmean(timing["worker_step_median"])
+    return median
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"

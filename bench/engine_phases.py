@@ -17,15 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import interleaved, ms, publish, table
+from common import interleaved, median_phases, ms, publish, table
 
 from cdmpi import metrics
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("compute", "encode", "gather", "aggregate", "broadcast", "update")
 
 
 def floors(d: int, reps: int = 7) -> dict[str, float]:
@@ -43,12 +41,7 @@ def engine(d: int, n: int, steps: int, topology: str, out: Path) -> dict[str, fl
            str(REPO / "bench" / "quadratic.toml"), "--set", f"problem.dim={d}", "--set", f"run.steps={steps}",
            "--set", f'comm.topology="{topology}"', "--out", str(out), "--overwrite", "--quiet"]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    timing = metrics.read(out)["timing"]
-    median = {p: float(np.mean(timing[f"worker_{p}_median"])) for p in PHASES}
-    if topology == "star":
-        median["aggregate"] = float(timing["server_aggregate_median"][0])
-    median["step"] = float(np.mean(timing["worker_step_median"]))
-    return median
+    return median_phases(metrics.read(out)["timing"], topology == "sharded")
 
 
 def main() -> None:

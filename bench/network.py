@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from common import median_phases  # noqa: E402  (bench/, this script's folder)
 from cdmpi import compress, metrics, project  # noqa: E402
 from cdmpi.control import HEADER_NBYTES  # noqa: E402
 
@@ -44,7 +44,6 @@ METHODS = {
     "EF21 (top-k 1.6%)": {"optim.algorithm": '"ef21"', "compress.name": '"topk"'},
 }
 ALLREDUCE = "AMSGrad, fp32 ring Allreduce"
-PHASES = ("compute", "encode", "gather", "aggregate", "broadcast", "update")
 
 
 def sh(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
@@ -59,25 +58,13 @@ def on_cluster(ranks: int, *cmd, timeout: float = 1800) -> None:
         raise SystemExit(f"failed ({result.returncode}): {' '.join(map(str, cmd))}\n{result.stderr[-3000:]}")
 
 
-def rate_gbit(rate: str) -> float | None:
-    if rate == "none":
-        return None
-    for unit, scale in (("gbit", 1.0), ("mbit", 1e-3)):
-        if rate.endswith(unit):
-            return float(rate[: -len(unit)]) * scale
-    raise SystemExit(f"unsupported rate {rate!r}")
-
-
 def engine_run(path: Path, n: int, d: int) -> dict:
     """Median step and phases of a `cdmpi train` run, its bytes per step checked against the frame formula."""
     run = metrics.read(path)
     timing, comm, attrs, train = run["timing"], run["comm"], run["attrs"], run["train"]
     steps = int(train["step"][-1])
     sharded = attrs["topology"] == "sharded"
-    median = {p: float(np.mean(timing[f"worker_{p}_median"])) for p in PHASES}
-    if not sharded:  # the workers wait in Bcast while rank 0 aggregates
-        median["aggregate"] = float(timing["server_aggregate_median"][0])
-    median["step"] = float(np.mean(timing["worker_step_median"]))
+    median = median_phases(timing, sharded)
     up, down = float(train["bits_up"][-1]) / 8 / steps, float(train["bits_down"][-1]) / 8 / steps  # all n frames
     inbound = comm["inbound_nbytes_per_step"]
     if sharded:  # worker s: the n - 1 other up slices, the n - 1 other down slices, n + 1 control rows

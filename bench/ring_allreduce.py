@@ -23,14 +23,7 @@ from mpi4py import MPI
 from cdmpi import config
 from cdmpi.algorithms import AmsgradState
 from cdmpi.problems.quadratic import QuadraticShard
-
-
-def sleeping_barrier(comm) -> None:
-    """cdmpi's comm.wait = sleep (cdmpi.transport): poll an Ibarrier, sleeping between polls."""
-    request, pause = comm.Ibarrier(), 20e-6
-    while not request.Test():
-        time.sleep(pause)
-        pause = min(2 * pause, 5e-4)
+from cdmpi.transport import MPITransport
 
 
 def main() -> None:
@@ -44,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
+    transport = MPITransport(comm)  # its Allreduce waits as comm.wait says, as cdmpi's collectives do
+    transport.agree_wait([args.wait == "sleep"])
     n, rank, d = comm.Get_size(), comm.Get_rank(), args.dim
     shard = QuadraticShard(d, rank, n, 0, torch.float32, "cpu")
     params = torch.zeros(d, dtype=torch.float32)
@@ -56,9 +51,7 @@ def main() -> None:
         grad, _ = shard.evaluate(params)
         grad_sum.copy_(grad)
         t1 = time.perf_counter()
-        if args.wait == "sleep":
-            sleeping_barrier(comm)
-        comm.Allreduce(MPI.IN_PLACE, grad_sum.numpy(), op=MPI.SUM)
+        transport.allreduce_sum_(grad_sum)
         t2 = time.perf_counter()
         state.step(params, grad_sum.div_(n), 1e-3)
         t3 = time.perf_counter()

@@ -281,8 +281,7 @@ def check_available(dataset: str) -> None:
     if dataset in LIBSVM_SHA256:
         if where(dataset) is None and dataset not in BUNDLED and os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
             raise _not_found(dataset, f"downloads are off (${OFFLINE_ENV})")
-    elif dataset not in ("synthetic", "digits", "cifar10", "synthetic_images") and "/" in dataset \
-            and not Path(dataset).is_file():
+    elif "/" in dataset and not Path(dataset).is_file():
         raise CdmpiError(f"dataset file not found: {dataset}")
 
 

@@ -259,12 +259,9 @@ class Engine:
         finals = {"final/steps": ((1,), np.int64)}
         if self.d * n <= FINAL_PARAMS_MAX_ELEMENTS:
             finals["final/params"] = ((self.d,), np.float64)
-        for phase in (*PHASES, "step"):
-            if phase != "step":
-                finals[f"timing/worker_{phase}"] = ((n,), np.float64)
-                finals[f"timing/server_{phase}"] = ((1,), np.float64)
-            finals[f"timing/worker_{phase}_median"] = ((n,), np.float64)
-            finals[f"timing/server_{phase}_median"] = ((1,), np.float64)
+        for name in (*PHASES, *(f"{phase}_median" for phase in (*PHASES, "step"))):
+            finals[f"timing/worker_{name}"] = ((n,), np.float64)
+            finals[f"timing/server_{name}"] = ((1,), np.float64)
         if self.transport.traffic() is not None:
             for direction in ("inbound", "outbound"):
                 finals[f"comm/{direction}_nbytes_per_step"] = ((world,), np.float64)

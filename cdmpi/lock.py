@@ -46,8 +46,28 @@ def _pid_alive_anywhere(holder: dict) -> bool:
         return True
     try:
         return _pid_alive(int(holder.get("pid", -1)))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
+
+
+def read_holder(path: Path) -> dict:
+    """The holder a lock file names ({} when there is none, or it is unreadable)."""
+    try:
+        holder = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def live_holder(path: Path) -> dict | None:
+    """The holder a lock file names while it may still run (`cdmpi watch`), else None."""
+    holder = read_holder(path)
+    return holder if holder and _pid_alive_anywhere(holder) else None
+
+
+def _in_use(what: str, holder: dict) -> CdmpiError:
+    return CdmpiError(f"{what} is in use by another run ({describe(holder)}); wait for it to end or choose "
+                      f"another --out")
 
 
 def check_free(path: Path) -> None:
@@ -61,13 +81,9 @@ def check_free(path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
+            holder = read_holder(path)
             if not (holder.get("job") and holder.get("job") == slurm_job()):  # a requeue takes its own over
-                raise CdmpiError(f"{path.with_suffix('')} is in use by another run ({describe(holder)}); wait for "
-                                 f"it to end or choose another --out") from None
+                raise _in_use(str(path.with_suffix("")), holder) from None
     finally:
         os.close(fd)
 
@@ -93,10 +109,7 @@ class RunLock:
         return holder.get("host") != self.me["host"] or not _pid_alive(int(holder.get("pid", -1)))
 
     def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
+        return read_holder(self.path)
 
     def acquire(self) -> None:
         """Take the lock, or raise CdmpiError naming the run that holds it (or why it cannot be made)."""
@@ -127,8 +140,7 @@ class RunLock:
                 if self._stale(holder):
                     self.path.unlink(missing_ok=True)  # our own job's earlier run, on a node that is gone
                     continue
-                raise CdmpiError(f"{self.what} is in use by another run ({describe(holder)}); "
-                                 f"wait for it to end or choose another --out") from None
+                raise _in_use(self.what, holder) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

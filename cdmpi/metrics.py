@@ -31,8 +31,10 @@ This module reads and writes files with h5py and NumPy only: `cdmpi report`, `pl
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -268,8 +270,6 @@ def _attr(name: str, value, decode: bool):
 
 def rows_digest(groups: dict, step: int) -> str:
     """sha256 over the rows with step < `step` of each group that has rows (groups and columns by name)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for group in sorted(groups):
         columns = groups[group]
@@ -293,8 +293,6 @@ def abandoned() -> bool:
 
 def _first_line(err: BaseException) -> str:
     """One line of an HDF5 error: its system error where it names one (HDF5's text spans several lines)."""
-    import re
-
     text = str(err)
     found = re.search(r"error message = '([^']+)'", text)
     return found.group(1) if found else (text.strip().splitlines() or [type(err).__name__])[0]
@@ -366,6 +364,9 @@ def read(path: str | Path, retry_seconds: float = 5.0, decode: bool = True) -> d
     path = Path(path)
     if not path.is_file():
         raise CdmpiError(f"metrics file not found: {path}")
+    if _truncated(path):  # before the retries: it will not get better
+        raise CdmpiError(f"cannot read metrics file {path}: truncated: {path.stat().st_size} bytes, shorter than "
+                         f"its HDF5 superblock says")
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
@@ -375,7 +376,7 @@ def read(path: str | Path, retry_seconds: float = 5.0, decode: bool = True) -> d
                           if isinstance(fh.get(g, getlink=True), h5py.HardLink) and isinstance(fh[g], h5py.Group)}
             break
         except OSError as err:
-            if "truncated" in str(err) or time.monotonic() > deadline or not path.is_file():
+            if time.monotonic() > deadline or not path.is_file():
                 raise CdmpiError(f"cannot read metrics file {path}: {err}") from None
             time.sleep(0.05)
         except (ValueError, TypeError, KeyError, RecursionError) as err:  # attributes or JSON that are not cdmpi's

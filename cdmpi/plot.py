@@ -7,6 +7,7 @@ every label names its lr. matplotlib is imported only here, lazily, with the Agg
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +82,7 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     colors = {_method(r): method_colour(r["algorithm"], r.get("topology", "star")) for r in rows}
     # Two runs of one method, dataset and lr (a run in process and under MPI, a rerun): their file names
     # tell the curves apart in the legend.
-    seen: dict[tuple, int] = {}
-    for r in rows:
-        key = (str(r["dataset"]), _method(r), r["lr"])
-        seen[key] = seen.get(key, 0) + 1
+    seen = Counter((str(r["dataset"]), _method(r), r["lr"]) for r in rows)
     # With the best step size only, one method's lr differs between datasets: there, a style per method.
     styles = ({method: LINESTYLES[i % len(LINESTYLES)] for i, method in enumerate(methods)} if best_only else
               {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)})

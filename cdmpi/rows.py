@@ -81,5 +81,3 @@ def sum_of_shares(values: list[dict]) -> dict:
             row[key] = _as_number(total)
     return row
 
-
-REDUCERS = {"mean": mean_of_workers, "shares": sum_of_shares}

@@ -470,8 +470,9 @@ class MPITransport:
         self.outbound_nbytes += counts[mine] * (self.n_workers - 1)
 
     def allreduce_sum_(self, buf: torch.Tensor) -> None:
-        """In place: buf = the sum of buf over every rank (bench/end_to_end.py's fp32 Allreduce baseline;
-        the server passes zeros). The summation order is MPI's, so it is not bit-reproducible in-process."""
+        """In place: buf = the sum of buf over every rank, after waiting as comm.wait says (the fp32 Allreduce
+        baselines of bench/end_to_end.py, where the server passes zeros, and bench/ring_allreduce.py). The
+        summation order is MPI's, so it is not bit-reproducible in-process."""
         self._arrive()
         self.comm.Allreduce(self._mpi.IN_PLACE, self._mpi_buffer(buf), op=self._mpi.SUM)
 

@@ -10,12 +10,10 @@ every row before it writes final/steps), so it is the row `cdmpi report` shows."
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
-from . import metrics
+from . import lock, metrics
 from .errors import CdmpiError
 
 SHOWN = ("loss", "grad_norm_sq", "accuracy")
@@ -44,22 +42,7 @@ def _snapshot(path: Path) -> dict:
 
 def _holder(path: Path) -> dict | None:
     """The live process that holds the run's lock (cdmpi.lock), or None when none does."""
-    lock = Path(str(path) + ".lock")
-    try:
-        holder = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        return None
-    if not holder:
-        return None
-    if holder.get("host") != socket.gethostname():
-        return holder  # another node's process: the lock file's presence is all we can see
-    try:
-        os.kill(int(holder.get("pid", -1)), 0)
-    except ProcessLookupError:
-        return None
-    except (PermissionError, ValueError, OverflowError):
-        pass
-    return holder
+    return lock.live_holder(Path(str(path) + ".lock"))
 
 
 def _same(a: dict | None, b: dict | None) -> bool:
@@ -125,7 +108,7 @@ def _follow(path: Path, snap: dict, interval: float) -> dict:
             step = int(snap["last"].get("step", first))
             bar.update(max(step, snap["final"]) - bar.n)
             bar.set_postfix({k: f"{snap['last'][k]:.4g}" for k in SHOWN if k in snap["last"]}, refresh=True)
-            if holder is None or not _same(holder, snap["writer"]) and snap["writer"] is not None:
+            if holder is None or (snap["writer"] is not None and not _same(holder, snap["writer"])):
                 break  # the writer let go (finished, stopped or died), or another run took the output
             if snap["final"] >= 0:
                 while _holder(path) is not None and _same(_holder(path), snap["writer"]):
