@@ -17,6 +17,7 @@ from .compress import Compressor, Identity
 from .config import OptimConfig
 from .errors import CdmpiError
 from .markov import ErrorFeedback, FrameReader, MarkovMean, MarkovSequence, mean_of_frames
+from .stepsize import StepSize, betas_of, each_range
 
 
 def amsgrad_(params, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, lr, beta1, beta2, nu) -> None:
@@ -49,9 +50,11 @@ class AmsgradState:
         self.exp_avg_sq = torch.zeros(d, dtype=dtype, device=device)
         self.max_exp_avg_sq = torch.zeros(d, dtype=dtype, device=device)
 
-    def step(self, params, grad, lr: float) -> None:
-        amsgrad_(params, grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq,
-                 lr=lr, beta1=self.optim.beta1, beta2=self.optim.beta2, nu=self.optim.nu)
+    def step(self, params, grad, lr: float | StepSize) -> None:
+        beta1, beta2 = betas_of(lr, self.optim.beta1, self.optim.beta2)
+        for part, rate in each_range(params, lr):
+            amsgrad_(params[part], grad[part], self.exp_avg[part], self.exp_avg_sq[part], self.max_exp_avg_sq[part],
+                     lr=rate, beta1=beta1, beta2=beta2, nu=self.optim.nu)
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k).clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
@@ -117,11 +120,11 @@ class MarkovWorker:
         """Writes the upload frame; returns whether grad was finite where the encoder learns it, else None."""
         return self.g_hat.push(grad, up_frame)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
 
-    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
+    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float | StepSize) -> None:
         self.g_tilde.receive(down_frame)  # g_tilde += c
         self.step_(params, self.g_tilde.value, lr)
 
-    def step_(self, params, direction, lr: float) -> None:
+    def step_(self, params, direction, lr: float | StepSize) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -141,7 +144,7 @@ class CDAdamWorker(MarkovWorker):
         super().__init__(s, worker_index, device)
         self.amsgrad = AmsgradState(s.d, s.dtype, device, s.optim)
 
-    def step_(self, params, direction, lr: float) -> None:
+    def step_(self, params, direction, lr: float | StepSize) -> None:
         self.amsgrad.step(params, direction, lr)
 
     def state_dict(self) -> dict:
@@ -156,8 +159,9 @@ class EF21Worker(MarkovWorker):
     """EF21 (Richtarik et al. 2021) with Markov compression both ways, as the paper's Section 7.2 extends
     it: the same frames as CD-Adam, then plain SGD x -= lr g_tilde."""
 
-    def step_(self, params, direction, lr: float) -> None:
-        params.add_(direction, alpha=-lr)
+    def step_(self, params, direction, lr: float | StepSize) -> None:
+        for part, rate in each_range(params, lr):
+            params[part].add_(direction[part], alpha=-rate)
 
 
 class CDAdamServer:
@@ -196,7 +200,7 @@ class DirectAmsgradWorker:
     def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> bool | None:
         return self.sender.push(grad, up_frame)
 
-    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
+    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float | StepSize) -> None:
         self.amsgrad.step(params, self.reader.read(down_frame), lr)
 
     def state_dict(self) -> dict:
@@ -282,7 +286,7 @@ class OnebitAdamWorker(_OnebitWarmup):
         b1 = self.optim.beta1
         return self.sender.push(self.exp_avg * b1 + grad * (1.0 - b1), up_frame)
 
-    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float) -> None:
+    def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float | StepSize) -> None:
         o = self.optim
         if self.warm:
             grad = self.full_reader.read(down_frame)
@@ -290,7 +294,8 @@ class OnebitAdamWorker(_OnebitWarmup):
             self.exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, value=1.0 - o.beta2)
         else:
             self.exp_avg.copy_(self.reader.read(down_frame))
-        frozen_adam_(params, self.exp_avg, self.exp_avg_sq, lr=lr, eps=o.nu)
+        for part, rate in each_range(params, lr):
+            frozen_adam_(params[part], self.exp_avg[part], self.exp_avg_sq[part], lr=rate, eps=o.nu)
         self.step += 1
 
     def state_dict(self) -> dict:

@@ -40,19 +40,16 @@ from . import checkpoint, config, devices, engine as engines, launcher, log, run
 from .config import Config
 from .engine import Engine, WorkerStep
 from .errors import EXIT_BAD_INPUT, AgreedError, CdmpiError, RunStopped, SetupFailed
+from .control import Decision, Flag
+from .optimizer import DistributedOptimizer
 from .rows import mean_of_workers
 from .signals import StopOnSigterm
-from .problems.classifier import flatten_
 
-# The optimizer's options, as config keys (validated as the config validates them).
-OPTIONS = {"algorithm": "optim.algorithm", "lr": "optim.lr", "eps": "optim.nu", "weight_decay": "optim.weight_decay",
-           "warmup_steps": "optim.warmup_steps", "compressor": "compress.name", "ratio": "compress.ratio",
-           "k": "compress.k"}  # and betas = (optim.beta1, optim.beta2)
 # launch()'s settings: the config keys that apply to a user's loop.
 SETTINGS = ("run.seed", "run.threads", "run.flush_every", "run.deterministic", "run.progress_every",
             "checkpoint.every", "checkpoint.dir",
             "checkpoint.keep", "checkpoint.check_every", "comm.cuda_aware", "comm.worker_device",
-            "comm.server_device", "comm.topology", "comm.wait")
+            "comm.server_device", "comm.topology", "comm.wait", "comm.timeout")
 RESERVED_COLUMNS = ("step", "bits_up", "bits_down", "wall_time", "grad_norm_sq")
 
 
@@ -74,6 +71,17 @@ def random_state() -> dict:
             "python": {"version": version, "words": list(words), "gauss": python_gauss}}
 
 
+def seed_random_state(seed: int, worker: int) -> None:
+    """Seed this thread's global generators for worker `worker` of a run with run.seed `seed`: the same in
+    process and under MPI, whatever the process's own seed was (each worker its own stream)."""
+    from .problems.sampling import seed_key
+
+    key = seed_key(seed, 5, worker)
+    torch.manual_seed(key)
+    np.random.seed(key % 2**32)
+    random.seed(key)
+
+
 def set_random_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
@@ -87,8 +95,9 @@ def set_random_state(state: dict) -> None:
 class _Solo:
     """The workers of an MPI rank: one, in the rank's own thread."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int, seed: int):
         self.indices = [index]
+        seed_random_state(seed, index)
 
     def together(self, index: int, item, action: Callable[[list], object]):
         return action([item])
@@ -106,7 +115,7 @@ class _Turns:
     worker's global random state is put aside when it hands over and taken back when its turn comes, so
     every worker draws what it would draw as a process of its own."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, seed: int):
         self.indices = list(range(n))
         self.n = n
         self._cond = threading.Condition()
@@ -115,7 +124,12 @@ class _Turns:
         self._arrived = 0
         self._generation = 0
         self._outcome: tuple = ("ok", None)
-        self._states = [random_state() for _ in range(n)]  # every worker starts from the launching thread's
+        self._states = []
+        launching = random_state()
+        for index in range(n):  # each worker's own seeded generators, as under MPI
+            seed_random_state(seed, index)
+            self._states.append(random_state())
+        set_random_state(launching)
         self.failure: BaseException | None = None
 
     def _wait_turn(self, index: int, generation: int = -1) -> None:
@@ -174,35 +188,60 @@ class _Turns:
 # ---- the run as one worker sees it --------------------------------------------------------------------
 
 class Run:
-    """Handed to your function, one per worker: the worker's place in the run, its optimizer, its metrics."""
+    """Handed to your function, one per worker: the worker's place in the run, its optimizer, its loop, its
+    metrics and its own state for the checkpoints.
+
+    Where a step ends. `for step in run.steps(total)` tells cdmpi where the loop body ends: the row of a
+    step holds what the body logged, before and after optimizer.step(), and a checkpoint is taken between
+    two bodies, after the body's scheduler step and logging; a resumed run starts the loop at its step. A
+    loop that only calls optimizer.step() (a `Trainer` of its own, a loop over a DataLoader's epochs)
+    resumes by replaying its first steps without training (every optimizer.step() returns at once and
+    nothing travels), up to the optimizer.step() where the checkpoint was taken; there cdmpi puts back the
+    state and the loop goes on. Its rows: values logged between two optimizer.step() calls belong to the
+    step before them when the loop's first step came before its first logged value (logging after
+    optimizer.step()), else to the step after them."""
 
     def __init__(self, job: "_Job", index: int):
         self._job = job
         self.worker = index  # this worker's index, 0 .. workers - 1
         self.workers = job.transport.n_workers
         self.device = job.worker_device  # where this worker computes (comm.worker_device)
+        self.model: nn.Module | None = None  # the module kept in step (run.optimizer(model=...))
         self._optimizer: DistributedOptimizer | None = None
-        self._train: dict | None = None
-        self._eval: dict | None = None
         self._state: dict = {}
         self._restored: dict = {}  # run.state() values of the checkpoint being resumed
+        self._resumed: dict | None = None  # the checkpoint's loop state, put back where the loop resumes
+        self._steps = 0  # the optimizer steps this loop has taken (replayed ones included)
+        self._replay = 0  # optimizer steps still to replay
+        self._loop = False  # the loop runs over run.steps()
+        self._body_steps = 0  # optimizer steps in the current run.steps() body
+        self._lag: int | None = None  # optimizer.step()-only loops: 1 when values logged after a step are its row's
+        self._open = _Row()  # the row being logged
+        self._closed: _Row | None = None  # a finished row not yet sent (it travels with the next step)
 
     @property
     def step(self) -> int:
-        """Steps taken so far: 0 on a fresh run, the checkpoint's step on a resumed one (known once the
-        optimizer is made)."""
-        return self._job.engine.step_count if self._job.engine is not None else 0
+        """The step the loop is at: 0 on a fresh run; on a resumed one, once the optimizer is made, the
+        checkpoint's step when the loop runs over run.steps(), else the steps replayed so far."""
+        return self._steps
 
-    def optimizer(self, model: nn.Module, **options) -> "DistributedOptimizer":
-        """The run's optimizer over the model's trainable parameters (all on one device, float32 or
-        float64). Options: algorithm ("cdadam", or any of cdmpi.algorithms.ALGORITHMS), lr, betas, eps, weight_decay,
-        compressor ("auto": the algorithm's own), ratio and k (top-k / random-k), warmup_steps
-        (onebit-adam). Every worker must make it with the same model and options. On a resumed run the
-        model, the optimizer, the random state and run.state() are restored here."""
+    def optimizer(self, params, *, model: nn.Module | None = None, **options) -> DistributedOptimizer:
+        """The run's optimizer, a torch.optim.Optimizer: params is a module (its trainable parameters), an
+        iterable of tensors, or param groups (dicts with "params" and their own "lr", "weight_decay",
+        "decoupled_weight_decay"), all on one device, float32 or float64. model: the module whose every
+        parameter and buffer (frozen ones, BatchNorm statistics) starts from worker 0's values and is
+        checkpointed (default: params, when it is a module). Options: algorithm ("cdadam", or any of
+        cdmpi.algorithms.ALGORITHMS), lr, betas, eps, weight_decay, decoupled_weight_decay (AdamW's decay
+        instead of L2), compressor ("auto": the algorithm's own), ratio and k (top-k / random-k),
+        warmup_steps (onebit-adam). Every worker must make it with the same model and options. On a resumed
+        run the parameters and the optimizer's state are restored here."""
         if self._optimizer is not None or self._job.engine is not None:
             raise CdmpiError("run.optimizer() was called twice; a run has one optimizer per worker")
+        self.model = model if model is not None else params if isinstance(params, nn.Module) else None
         try:
-            self._optimizer = DistributedOptimizer(self, model, options)
+            if self.model is not None and not isinstance(self.model, nn.Module):
+                raise CdmpiError(f"run.optimizer(model=...) takes a torch.nn.Module, got {type(self.model).__name__}")
+            self._optimizer = DistributedOptimizer(self, params, options)
         except CdmpiError as err:  # bad options: every rank stops with exit status 2, rank 0 says why
             self._job.set_up(self, error=str(err))
             raise SetupFailed() from None
@@ -210,59 +249,295 @@ class Run:
         return self._optimizer
 
     def state(self, **defaults) -> dict:
-        """Your own state for the checkpoints (epoch, best accuracy, a scheduler...): a dict holding the
-        defaults, or on a resumed run the checkpoint's values, before or after run.optimizer(). Keep it up
-        to date in place; values with state_dict()/load_state_dict() (an LR scheduler) are saved and
-        restored through those. Every call adds its keys to the same dict."""
+        """Your own state for the checkpoints (epoch, best accuracy, a scheduler, a torch.Generator, a
+        GradScaler...): a dict holding the defaults, or on a resumed run the checkpoint's values. Keep it up
+        to date in place; values with state_dict()/load_state_dict() (schedulers, scalers) and generators
+        (get_state()/set_state()) are saved and restored through those. Every call adds its keys to the same
+        dict."""
         for key, value in defaults.items():
             if key not in self._state:
                 self._state[key] = value
                 self._restore(key)
         return self._state
 
+    def steps(self, total: int):
+        """The loop's steps, from where the run is (0, or a resumed checkpoint's step) to total - 1. cdmpi
+        owns the boundary between two bodies: each body takes one optimizer.step(), its row holds what it
+        logged before and after it, and checkpoints are taken between bodies."""
+        if self._optimizer is None:
+            raise CdmpiError("run.steps() comes after run.optimizer(): the run's step is known once it is made")
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise CdmpiError(f"run.steps(total): total must be an int >= 0, got {total!r}")
+        if self._steps and not self._loop and self._resumed is None:
+            raise CdmpiError("run.steps() after optimizer.step() calls outside it: one loop drives a run")
+        self._loop = True
+        return self._step_loop(total)
+
+    def _step_loop(self, total: int):
+        if self._resumed is not None:
+            if self._resumed.get("boundary") != "loop":
+                raise CdmpiError(f"the checkpoint of step {self._steps} was written by a loop without run.steps(); "
+                                 f"resume it with that loop (it replays its steps), or start over")
+            self._resume_here()
+        for t in range(self._steps, total):
+            self._open = _Row(t)
+            self._body_steps = 0
+            yield t
+            self._end_body(t)
+
+    def _end_body(self, t: int) -> None:
+        if self._body_steps != 1:
+            raise CdmpiError(f"the body of run.steps() took {self._body_steps} optimizer steps at step {t}; "
+                             f"each takes one optimizer.step()")
+        self._closed, self._open = self._open.closed(), _Row(t + 1)
+        self._take_due_checkpoint()  # between two bodies: the body's state is complete
+
+    def _take_due_checkpoint(self) -> None:
+        """The checkpoint (and stop) the last step's decision asked for, taken where this loop's step has
+        ended: between two run.steps() bodies, else as the next optimizer.step() or the function's return
+        begins (after the body's scheduler step and logging)."""
+        if self._job.engine.checkpoint_due is not None:
+            self._job.group.together(self.worker, None, lambda _: self._job.engine.take_due_checkpoint())
+
+    def loader(self, dataset, batch_size: int, *, shuffle: bool = True, **options):
+        """This worker's batches, one per step, from the step the loop is at: a torch DataLoader over the
+        worker's shard of `dataset` (every workers-th sample), in an order that is a function of (run.seed,
+        worker, epoch) and so continues on resume; the last partial batch of each epoch is dropped. options
+        go to torch.utils.data.DataLoader (num_workers, collate_fn, pin_memory...)."""
+        from torch.utils.data import DataLoader
+
+        from .problems.sampling import seed_key
+
+        shard = len(dataset) // self.workers
+        if shard < batch_size:
+            raise CdmpiError(f"run.loader(): each of the {self.workers} workers gets {shard} of the {len(dataset)} "
+                             f"samples, fewer than batch_size = {batch_size}")
+        seed = self._job.settings.run.seed
+        sampler = _ShardBatches(shard, batch_size, self.worker, self.workers, seed, shuffle, self._steps)
+        generator = torch.Generator().manual_seed(seed_key(seed, 4, self.worker))  # no draw from the global one
+        return iter(DataLoader(dataset, batch_sampler=sampler, generator=generator, **options))
+
+    def log(self, **values) -> None:
+        """Values of this step's row in /train (see the class: which step a value belongs to): floats, each
+        the mean over the workers that logged it."""
+        self._open.train = {**(self._open.train or {}), **_scalars(values, "log")}
+
+    def log_eval(self, **values) -> None:
+        """A row in /eval at this step (e.g. test accuracy), the mean over the workers that logged it."""
+        self._open.eval = {**(self._open.eval or {}), **_scalars(values, "log_eval")}
+
+    # ---- optimizer.step() ------------------------------------------------------------------------------
+
+    def _optimizer_step(self, opt: DistributedOptimizer, grad_scaler) -> None:
+        if grad_scaler is not None and grad_scaler._per_optimizer_states[id(opt)]["stage"].name == "READY":
+            grad_scaler.unscale_(opt)  # the inf check of this worker's gradient, and its true values
+        if self._replay:
+            self._replay_one()
+            return
+        if self._resumed is not None:  # the replay has come to where the checkpoint was taken
+            self._resume_replayed()
+        self._take_due_checkpoint()
+        self._body_steps += 1
+        opt.gather_grads()
+        nograd = opt.took_no_gradient()
+        found_inf = grad_scaler is not None and bool(sum(
+            v.item() for v in grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values()))
+        opt.add_coupled_decay()
+        grad = opt.flat_grad
+        t = self._steps
+        norm_sq = None if found_inf else float(torch.dot(grad, grad))
+        if self._loop:
+            send, self._closed = self._closed, None  # the last body's row
+            self._open.grad_norm_sq = norm_sq
+        else:
+            if self._lag is None:  # the loop's first step decides which step its values describe
+                self._lag = 0 if self._open.logged() else 1
+            if self._lag == 0:  # values logged since the last step describe this one
+                self._open.step, self._open.grad_norm_sq = t, norm_sq
+                send, self._open = self._open.closed(), _Row(t + 1)
+            else:  # they describe the last one; this step's row is logged from now on
+                send, self._open = self._open.closed(), _Row(t)
+                self._open.grad_norm_sq = norm_sq
+        item = WorkerStep(grad, opt.step_size(), send.train if send else None, send.eval if send else None,
+                          row=send.step if send else None, skip=found_inf, amp=grad_scaler is not None,
+                          nograd=nograd)
+        self._steps = t + 1
+        decision = self._job.step(self, item)
+        if grad_scaler is not None and Flag.SKIP in decision:  # every worker's scaler backs off alike
+            for found in grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
+                found.fill_(1.0)
+
+    @property
+    def replaying(self) -> bool:
+        """True while a resumed loop replays the steps before its checkpoint's (optimizer.step() returns at
+        once then, and what the loop logs is dropped): a loop can skip its evaluations and saving then."""
+        return self._replay > 0
+
+    def _replay_one(self) -> None:
+        """A step before the resumed checkpoint's: nothing is computed or sent."""
+        self._replay -= 1
+        self._steps += 1
+        if self._lag is None:
+            self._lag = 0 if self._open.logged() else 1
+        self._open = _Row(self._steps)  # what the replayed steps log is not kept
+        if not self._replay:
+            self._job.transport.activity = "computing"
+
+    def _resume_replayed(self) -> None:
+        """The replay has reached the checkpoint's step (the next optimizer.step() begins, or the function
+        returns): the state of the checkpoint, taken at this very point, comes back."""
+        if self._resumed.get("boundary") == "loop":
+            raise CdmpiError(f"the checkpoint of step {self._steps} was written by a loop over run.steps(); "
+                             f"resume it with that loop")
+        self._resume_here()
+
+    def _finish_rows(self) -> tuple[int | None, dict | None, dict | None]:
+        """The last row, for the end of the run: the closed one, or what was logged after the last step."""
+        row = self._closed if self._closed is not None else self._open.closed()
+        if row is None:
+            return None, None, None
+        if not self._loop and self._lag == 0:  # values logged after the last step describe its result
+            row.step = self._steps
+        return row.step, row.train, row.eval
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The loop's checkpoint state: the module's frozen parameters and buffers, random state, your
+        state, the hyper-parameters, the rows not yet sent, and where it was taken."""
+        opt = self._optimizer
+        return {"boundary": "loop" if self._loop else "step", "step": self._steps, "lag": self._lag,
+                "module": {k: v.detach().clone() for k, v in _module_state(self.model, opt).items()},
+                "random": self._job.group.random_state(self.worker), "user": self._user_state(),
+                "param_groups": opt.hyper_parameters(), "open": self._open.state_dict(),
+                "closed": self._closed.state_dict() if self._closed is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """At set-up, from the checkpoint being resumed. A run.steps() loop starts at the checkpoint's step:
+        what code before the loop reads comes back now, the rest where the loop starts. Any other loop
+        replays its steps from 0 and gets everything back after the last replayed one."""
+        self._resumed = state
+        if state.get("boundary") == "loop":
+            self._steps = int(state["step"])
+            self._put_module(state["module"])
+            self._restored = dict(state["user"])
+            for key in list(self._state):
+                self._restore(key)
+            self._optimizer.load_hyper_parameters(state["param_groups"])
+        else:
+            self._replay = int(state["step"])
+            if self._replay:
+                self._job.transport.activity = "replaying"
+                if self.worker == 0:
+                    log.LOGGER.warning("replaying the first %d steps of the loop without training, to the "
+                                       "checkpoint's (a loop over run.steps() would start there)", self._replay)
+
+    def _resume_here(self) -> None:
+        """Where the resumed loop takes over: the state of the checkpoint comes back. (A replayed loop drew
+        the same random numbers as the run it resumes: its generators are where the checkpoint's were.)"""
+        state, self._resumed = self._resumed, None
+        self._put_module(state["module"])
+        if state["boundary"] == "loop":
+            set_random_state(state["random"])  # this worker's thread holds the global generators now
+        self._restored = dict(state["user"])
+        for key in list(self._state):
+            self._restore(key)
+        self._optimizer.load_hyper_parameters(state["param_groups"])
+        self._steps, self._lag = int(state["step"]), state["lag"]
+        self._open = _Row.from_state(state["open"])
+        self._closed = _Row.from_state(state["closed"]) if state["closed"] is not None else None
+
+    def _put_module(self, saved: dict) -> None:
+        own = _module_state(self.model, self._optimizer)
+        with torch.no_grad():
+            for name, value in saved.items():
+                own[name].copy_(value)
+
+    def _user_state(self) -> dict:
+        user = {k: _saved(v) for k, v in self._state.items()}
+        user.update(self._restored)  # restored values not yet asked for by run.state() stay in the checkpoint
+        return user
+
     def _restore(self, key: str) -> None:
         if key not in self._restored:
             return
         saved = self._restored.pop(key)
-        if hasattr(self._state[key], "load_state_dict"):
-            self._state[key].load_state_dict(saved)
+        value = self._state[key]
+        if isinstance(value, torch.Generator):
+            value.set_state(saved)
+        elif hasattr(value, "load_state_dict"):
+            value.load_state_dict(saved)
         else:
             self._state[key] = saved
 
-    def log(self, **values) -> None:
-        """Values of this step's row in /train (the step that the next opt.step() takes, which describes
-        the model before it): floats, each the mean over the workers that logged it."""
-        self._train = {**(self._train or {}), **_scalars(values, "log")}
 
-    def log_eval(self, **values) -> None:
-        """A row in /eval at this step (e.g. test accuracy), the mean over the workers that logged it."""
-        self._eval = {**(self._eval or {}), **_scalars(values, "log_eval")}
+class _Row:
+    """The metric values logged for one step's row, and that step's gradient norm (added when the row has
+    values)."""
 
-    def _take_logs(self) -> tuple[dict | None, dict | None]:
-        logs, self._train, self._eval = (self._train, self._eval), None, None
-        return logs
+    def __init__(self, step: int | None = None):
+        self.step = step
+        self.train: dict | None = None
+        self.eval: dict | None = None
+        self.grad_norm_sq: float | None = None
 
-    # checkpoint state of the driver: model buffers, random state, user state, learning rate
+    def logged(self) -> bool:
+        return self.train is not None or self.eval is not None
+
+    def closed(self) -> "_Row | None":
+        """The row as it is sent, or None when nothing was logged for it."""
+        if not self.logged():
+            return None
+        if self.train is not None and self.grad_norm_sq is not None:
+            self.train = {**self.train, "grad_norm_sq": self.grad_norm_sq}
+            self.grad_norm_sq = None
+        return self
+
     def state_dict(self) -> dict:
-        opt = self._optimizer
-        user = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in self._state.items()}
-        user.update(self._restored)  # restored values not yet asked for by run.state() stay in the checkpoint
-        return {"buffers": {k: v.detach().clone() for k, v in opt.model.named_buffers()},
-                "random": self._job.group.random_state(self.worker), "user": user,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
+        return {"step": self.step, "train": self.train, "eval": self.eval, "grad_norm_sq": self.grad_norm_sq}
 
-    def load_state_dict(self, state: dict) -> None:
-        opt = self._optimizer
-        buffers = dict(opt.model.named_buffers())
-        with torch.no_grad():
-            for name, value in state["buffers"].items():
-                buffers[name].copy_(value)
-        self._job.group.set_random_state(self.worker, state["random"])
-        self._restored = dict(state["user"])
-        for key in list(self._state):
-            self._restore(key)
-        for group, saved in zip(opt.param_groups, state["param_groups"]):
-            group.update(saved)
+    @classmethod
+    def from_state(cls, state: dict) -> "_Row":
+        row = cls(state["step"])
+        row.train, row.eval, row.grad_norm_sq = state["train"], state["eval"], state["grad_norm_sq"]
+        return row
+
+
+class _ShardBatches:
+    """run.loader()'s batch sampler: worker w's shard is samples w, w + n, ...; each epoch a permutation of
+    it drawn from (seed, worker, epoch), in batches, the last partial one dropped; endless, from a step."""
+
+    def __init__(self, shard: int, batch_size: int, worker: int, workers: int, seed: int, shuffle: bool, start: int):
+        from .problems.sampling import EpochSampler
+
+        self.worker, self.workers, self.shuffle = worker, workers, shuffle
+        self.sampler = EpochSampler(shard, batch_size, seed, worker)
+        per_epoch = self.sampler.steps_per_epoch
+        self.sampler.load_state_dict({"epoch": start // per_epoch, "position": start % per_epoch})
+
+    def __iter__(self):
+        while True:
+            rows = self.sampler.next()
+            if not self.shuffle:
+                start = self.sampler.batch_size * (self.sampler.position - 1)
+                rows = torch.arange(start, start + self.sampler.batch_size)
+            yield (rows * self.workers + self.worker).tolist()
+
+
+def _module_state(model: nn.Module | None, opt: DistributedOptimizer) -> dict[str, torch.Tensor]:
+    """The module's tensors that are not in the flat vector: frozen parameters and buffers, by name."""
+    if model is None:
+        return {}
+    flat = {id(p) for p in opt.flat_params}
+    named = {f"param:{k}": p for k, p in model.named_parameters() if id(p) not in flat}
+    named.update({f"buffer:{k}": b for k, b in model.named_buffers()})
+    return named
+
+
+def _saved(value):
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    return value.state_dict() if hasattr(value, "state_dict") else value
 
 
 def _scalars(values: dict, what: str) -> dict:
@@ -275,114 +550,6 @@ def _scalars(values: dict, what: str) -> dict:
         except (TypeError, ValueError):
             raise CdmpiError(f"run.{what}({key}=...) takes numbers, got {type(value).__name__}") from None
     return out
-
-
-class DistributedOptimizer(torch.optim.Optimizer):
-    """The worker's optimizer: step() encodes the gradient, exchanges frames with the server (or the slice
-    servers) and applies the algorithm's update to the model. The parameters become views into one flat
-    vector, so nothing is copied between the model and the algorithm. Make it with run.optimizer()."""
-
-    def __init__(self, run: Run, model: nn.Module, options: dict):
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise CdmpiError("run.optimizer(): the model has no trainable parameters")
-        kinds = {(p.device, p.dtype) for p in params}
-        if len(kinds) > 1:
-            raise CdmpiError(f"run.optimizer(): the parameters live on several devices or dtypes {sorted(map(str, kinds))}; "
-                             f"move the model to one device first")
-        device, dtype = kinds.pop()
-        if dtype not in (torch.float32, torch.float64):
-            raise CdmpiError(f"run.optimizer(): parameters must be float32 or float64, got {dtype}")
-        self.options = _optimizer_config(options)  # validated here, on every worker
-        super().__init__(params, {"lr": self.options.optim.lr})
-        self.run, self.model = run, model
-        self.flat = torch.nn.utils.parameters_to_vector(params).detach().clone()
-        self.flat_grad = torch.zeros_like(self.flat)
-        flatten_(params, self.flat, self.flat_grad)
-        self._params = params
-        self._grad_views = [p.grad for p in params]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zeroes the gradients in place (they are views into one flat buffer, so they are never None)."""
-        self.flat_grad.zero_()
-        for p, view in zip(self._params, self._grad_views):
-            p.grad = view
-
-    def _gather_grads(self) -> None:
-        """Gradients that backward() put elsewhere (after a zero_grad that set them to None) go into the flat
-        buffer."""
-        for p, view in zip(self._params, self._grad_views):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad is not view:
-                view.copy_(p.grad)
-            p.grad = view
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._gather_grads()
-        grad = self.flat_grad
-        weight_decay = self.options.optim.weight_decay
-        if weight_decay:
-            grad.add_(self.flat, alpha=weight_decay)  # coupled L2, before compression
-        train, evaluation = self.run._take_logs()
-        if train is not None:
-            train["grad_norm_sq"] = float(torch.dot(grad, grad))
-        self.run._job.step(self.run, WorkerStep(grad, self.param_groups[0]["lr"], train, evaluation))
-        return loss
-
-    def state_dict(self) -> dict:
-        """This worker's optimizer state: the algorithm's (moments and compression sequences), the step and
-        the hyper-parameters."""
-        worker = self.run._job.local_worker(self.run.worker)
-        return {"state": {"algorithm": worker.algorithm.state_dict(), "step": self.run.step, "d": self.flat.numel()},
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """A warm start: the hyper-parameters and the algorithm's moments (AMSGrad's m, v, v_hat; 1-bit Adam's
-        m and v) from a state_dict. The compression sequences (Markov and error feedback) stay as they are:
-        they pair with the server's, which only a checkpoint of the same run restores (launch(resume=...))."""
-        worker = self.run._job.local_worker(self.run.worker)
-        try:
-            saved = state_dict["state"]
-            if saved["d"] != self.flat.numel():
-                raise CdmpiError(f"load_state_dict: the state is of {saved['d']} parameters, this model has "
-                                 f"{self.flat.numel()}")
-            moments = {k: saved["algorithm"][k] for k in worker.algorithm.moments}
-            worker.algorithm.load_state_dict({**worker.algorithm.state_dict(), **moments})
-            for group, values in zip(self.param_groups, state_dict["param_groups"]):
-                group.update({k: v for k, v in values.items() if k != "params"})
-        except (KeyError, TypeError, RuntimeError) as err:
-            raise CdmpiError(f"load_state_dict: not a state of this optimizer ({type(err).__name__}: {err})") from None
-
-
-def _optimizer_config(options: dict) -> Config:
-    """The optim and compress sections from the optimizer's options, validated like a config file."""
-    values: dict = {}
-    for name, value in options.items():
-        if name == "betas":
-            try:
-                beta1, beta2 = value
-            except (TypeError, ValueError):
-                raise CdmpiError(f"betas must be a pair (beta1, beta2), got {value!r}") from None
-            values.setdefault("optim", {}).update(beta1=beta1, beta2=beta2)
-        elif name in OPTIONS:
-            section, key = OPTIONS[name].split(".")
-            values.setdefault(section, {})[key] = value
-        else:
-            raise CdmpiError(f"unknown optimizer option {name!r}; the options are betas, {', '.join(OPTIONS)}")
-    values.setdefault("optim", {}).setdefault("lr", 1e-3)
-    try:
-        return config.from_dict(values)
-    except CdmpiError as err:
-        message = str(err)
-        for name, key in [*OPTIONS.items(), ("betas[0]", "optim.beta1"), ("betas[1]", "optim.beta2")]:
-            message = message.replace(f"config: {key} ", f"{name} ").replace(f"config: {key}", name)
-        raise CdmpiError(f"optimizer: {message}") from None
 
 
 def _settings_config(settings: dict | None) -> Config:
@@ -457,15 +624,17 @@ class _Job:
         phases, this process's engine and the resume or fresh start."""
         transport = self.transport
         if runs_here:
-            models = [runs_here[i]._optimizer for i in sorted(runs_here)]
+            here = [runs_here[i] for i in sorted(runs_here)]
             with torch.no_grad():
-                transport.bcast_from_worker_0([opt.flat for opt in models])
-                for name, _, _ in hello["buffers"]:
-                    transport.bcast_from_worker_0([dict(opt.model.named_buffers())[name] for opt in models])
+                transport.bcast_from_worker_0([run._optimizer.flat for run in here])
+                tensors = [_module_state(run.model, run._optimizer) for run in here]
+                for name, _, _ in hello["module"]:
+                    transport.bcast_from_worker_0([own[name] for own in tensors])
         for phase in (partial(self._build_engine, cfg, hello, runs_here), self._start):
             if not runs.agreed(phase, transport, transport.rank):
                 raise SetupFailed()
         self.engine.stop_requested = self.stop_requested
+        self.engine.defer_checkpoints = True  # taken where the loop's step ends (Run._take_due_checkpoint)
         if not self.quiet:
             self.engine.progress_total = 0
         log.LOGGER.info("%s; %s with %s, %d workers, %s backend", self.engine.description, cfg.optim.algorithm,
@@ -484,17 +653,25 @@ class _Job:
         if step is not None:
             log.LOGGER.info("resuming from checkpoint step %d in %s", step, self.engine.checkpoint_root)
 
-    def step(self, run: Run, item: WorkerStep) -> None:
-        self.group.together(run.worker, item, self.engine.step)
+    def step(self, run: Run, item: WorkerStep) -> Decision:
+        return self.group.together(run.worker, item, self.engine.step)
 
     def finish(self, run: Run) -> None:
         """The worker's function returned: its last logs, and the end of the run once every worker is here."""
         if run._optimizer is None:
             raise CdmpiError(f"worker {run.worker}'s function returned without making an optimizer "
                              f"(run.optimizer(model, ...))")
-        train, evaluation = run._take_logs()
-        self.group.together(run.worker, WorkerStep(None, 0.0, train, evaluation, done=True, checkpoint=True),
-                            self.engine.step)
+        if run._replay:
+            raise CdmpiError(f"worker {run.worker}'s function returned after {run.step} steps, while the resumed "
+                             f"checkpoint is at step {run.step + run._replay}: the loop must take the same steps "
+                             f"as the run it resumes")
+        if run._resumed is not None:
+            run._resume_replayed()
+        run._take_due_checkpoint()
+        row, train, evaluation = run._finish_rows()
+        run._open, run._closed = _Row(run.step), None  # they go with the end (the end's checkpoint holds none)
+        self.group.together(run.worker, WorkerStep(None, 0.0, train, evaluation, done=True, checkpoint=True,
+                                                   row=row), self.engine.step)
 
 
 def _hello(run: Run, error: str | None) -> dict:
@@ -503,8 +680,9 @@ def _hello(run: Run, error: str | None) -> dict:
         return {"error": error, "worker": run.worker}
     opt = run._optimizer
     return {"d": opt.flat.numel(), "dtype": str(opt.flat.dtype).removeprefix("torch."),
-            "model": type(opt.model).__name__,
-            "buffers": [(name, tuple(b.shape), str(b.dtype)) for name, b in opt.model.named_buffers()],
+            "model": type(run.model).__name__ if run.model is not None else "parameters",
+            "groups": [hi - lo for lo, hi in opt.ranges],
+            "module": [(name, tuple(t.shape), str(t.dtype)) for name, t in _module_state(run.model, opt).items()],
             "optim": opt.options.to_dict()["optim"], "compress": opt.options.to_dict()["compress"]}
 
 
@@ -558,9 +736,9 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
         if not transport.worker_indices:  # the MPI server
             group = None
         elif transport.is_server:  # in process
-            group = _Turns(transport.n_workers)
+            group = _Turns(transport.n_workers, prepared["cfg"].run.seed)
         else:
-            group = _Solo(transport.worker_indices[0])
+            group = _Solo(transport.worker_indices[0], prepared["cfg"].run.seed)
         job = _Job(transport, group, prepared["cfg"], out=out, resume=resume, overwrite=overwrite)
         job.stop_requested, job.quiet = stop.requested, quiet
         if not transport.worker_indices:
@@ -648,6 +826,6 @@ def _report(job: _Job, status: int) -> None:
     row = job.engine.last_row if job.engine is not None else None
     if row is not None and job.transport.rank == 0 and not job.quiet:
         print(f"cdmpi: finished {job.engine.step_count} steps: loss {row.get('loss', float('nan')):.6g}, grad_norm_sq "
-              f"{row['grad_norm_sq']:.4e}, bits up {row['bits_up']:.4e}, down {row['bits_down']:.4e}"
+              f"{row.get('grad_norm_sq', float('nan')):.4e}, bits up {row['bits_up']:.4e}, down {row['bits_down']:.4e}"
               + (f" -> {job.out}" if job.out is not None else " (no metrics file: give out= to keep the rows)"),
               file=sys.stderr)

@@ -72,6 +72,12 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:09d}"
 
 
+def rows_step(manifest: dict) -> int:
+    """The step from which the checkpoint's run had written no metrics rows yet: a resume keeps the rows
+    before it."""
+    return int(manifest.get("rows_step", manifest["step"]))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint directories under root, newest step first."""
     if not root.is_dir():
@@ -115,7 +121,7 @@ def _write_file(path: Path, obj: dict) -> dict:
     return {"nbytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def save(session: Run, step: int, root: Path) -> Path | None:
+def save(session: Run, step: int, root: Path, *, final: bool = False) -> Path | None:
     """Collective: write this process's files, then (on the server) check that every worker's copy of x is
     finite and the same, write the manifest and rename the directory. Returns the checkpoint directory on
     the server, None elsewhere; raises AgreedError on every process when the copies of x are bad (nothing
@@ -151,8 +157,10 @@ def save(session: Run, step: int, root: Path) -> Path | None:
         raise CdmpiError(f"cannot write checkpoint {tmp_dir}: {errors[0]}")
     files = {name: info for r in reports for name, info in r["files"].items()}
     cfg = session.cfg
+    rows = min(step, session.rows_from)  # rows from here on come after the checkpoint (a loop's late row)
     manifest = {"format_version": FORMAT_VERSION, "step": step, "run_id": session.attrs.get("run_id"),
-                "metrics_rows": session.metrics_rows_before(step), "metrics_sha256": session.metrics_digest_before(step),
+                "metrics_rows": session.metrics_rows_before(rows), "metrics_sha256": session.metrics_digest_before(rows),
+                "rows_step": rows, "final": final,
                 "git_commit": session.attrs.get("git_commit"), "data_path": session.attrs.get("data_path"),
                 "data_sha256": session.attrs.get("data_sha256"), "n_workers": transport.n_workers,
                 "world_size": transport.world_size, "backend": transport.name, "d": session.d,

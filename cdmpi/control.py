@@ -44,6 +44,11 @@ class Flag(enum.IntFlag):
     CHECKPOINT = 64
     # Decisions only: an agreed error (every rank stops, rank 0 says why).
     ABORT = 128
+    # From a worker: its gradient overflowed (fp16 GradScaler) and its frame is not valid. In a decision:
+    # no worker updates x this step, and every encoder's state stays as it was before the step.
+    SKIP = 256
+    # From a worker: opt.step() came without a gradient (no backward() since the previous step).
+    NOGRAD = 512
 
 
 NON_FINITE = -2  # in place of a checksum: this worker's x holds inf or nan
@@ -131,6 +136,10 @@ def decide(step: int, workers: Sequence[Header], stop: bool, *, checkpoint_every
         going = [i for i in range(len(workers)) if i not in done]
         return abort(f"{where(done)} finished at step {step} while {where(going)} went on: every worker must "
                      f"take the same number of steps")
+    bad = [i for i, h in enumerate(workers) if Flag.NOGRAD in h.flags]
+    if bad:
+        return abort(f"optimizer.step() at step {step} without a gradient on {where(bad[:1])}: no backward() since "
+                     f"the previous step (it would step on zero gradients)")
     bad = [i for i, h in enumerate(workers) if Flag.NONFINITE in h.flags]
     if bad:
         return abort(f"non-finite loss or gradient at step {step} from {where(bad[:1])}")
@@ -148,7 +157,7 @@ def decide(step: int, workers: Sequence[Header], stop: bool, *, checkpoint_every
             return abort(error)
     flags = Flag.NONE
     for h in workers:
-        flags |= h.flags & (Flag.LOG | Flag.EVAL | Flag.CHECKPOINT)
+        flags |= h.flags & (Flag.LOG | Flag.EVAL | Flag.CHECKPOINT | Flag.SKIP)
     if done:
         flags |= Flag.DONE
     elif stop or any(Flag.STOP in h.flags for h in workers):

@@ -38,6 +38,7 @@ from .errors import AgreedError, CdmpiError, RunStopped
 from .exchange import FrameExchange
 from .metrics import TRAIN_COLUMNS, MetricsWriter
 from .rows import Share
+from .stepsize import StepSize
 from .timing import PHASES, PhaseTimer
 
 FINAL_PARAMS_MAX_ELEMENTS = 50_000_000  # n * d floats gathered at the end; larger runs skip it
@@ -50,16 +51,24 @@ class Stateful(Protocol):
 
 @dataclass
 class WorkerStep:
-    """What one worker brings to a step: its gradient g_t at x_t (None when it is done), the learning rate,
-    the metric values of row t (a dict each, or None when it logs nothing this step), whether it takes no
-    more steps, and whether it asks for a checkpoint after this step (or, when done, of the end)."""
+    """What one worker brings to a step: its gradient g_t at x_t (None when it is done), the learning rate
+    (a float, or a StepSize per param group), the metric values of a row (a dict each, or None when it logs
+    nothing this step) and that row's step (None: this step's; a user's loop sends the values logged
+    around step t-1's update with step t), whether it takes no more steps, whether it asks for a checkpoint
+    after this step (or, when done, of the end), whether its gradient overflowed under fp16 loss scaling
+    (skip: it encodes nothing, and every worker skips the update) and whether it may (amp: it keeps its
+    encoder's state so that another worker's skip can undo its encode)."""
 
     grad: torch.Tensor | None = None
-    lr: float = 0.0
+    lr: float | StepSize = 0.0
     train: dict | None = None
     eval: dict | None = None
     done: bool = False
     checkpoint: bool = False
+    row: int | None = None
+    skip: bool = False
+    amp: bool = False
+    nograd: bool = False
 
 
 class LocalWorker:
@@ -94,10 +103,13 @@ class ServerLog:
         self.start_time = time.perf_counter()
         self.last_row: dict | None = None
         self.last_eval: dict | None = None
+        self._bits_before: dict[int, tuple[int, int]] = {}
 
     def record(self, step: int, group: str, values: list[dict]) -> dict:
-        """A row of `group` at `step` from the values the workers gave (worker order), with the bits so far."""
-        row = {"step": step, **self.reduce(values), "bits_up": self.bits_up, "bits_down": self.bits_down}
+        """A row of `group` at `step` from the values the workers gave (worker order), with the bits sent
+        before that step."""
+        up, down = self._bits_before.get(step, (self.bits_up, self.bits_down))
+        row = {"step": step, **self.reduce(values), "bits_up": up, "bits_down": down}
         if group == "train":
             row["wall_time"] = time.perf_counter() - self.start_time
             self.last_row = row
@@ -107,18 +119,21 @@ class ServerLog:
             self.writer.append(group, row)
         return row
 
-    def count(self, up, down) -> None:
-        """One step's frames: n upload frames, and the download frame to each of the n workers."""
+    def count(self, step: int, up, down) -> None:
+        """Step `step`'s frames: n upload frames, and the download frame to each of the n workers."""
+        self._bits_before = {step: (self.bits_up, self.bits_down)}  # a row may come one step late
         self.bits_up += 8 * up.frame_nbytes * self.n_workers
         self.bits_down += 8 * down.frame_nbytes * self.n_workers
 
     def state_dict(self) -> dict:
         return {"bits_up": self.bits_up, "bits_down": self.bits_down,
-                "wall_time": time.perf_counter() - self.start_time}
+                "wall_time": time.perf_counter() - self.start_time,
+                "bits_before": [[step, up, down] for step, (up, down) in self._bits_before.items()]}
 
     def load_state_dict(self, state: dict) -> None:
         self.bits_up = int(state["bits_up"])
         self.bits_down = int(state["bits_down"])
+        self._bits_before = {int(step): (int(up), int(down)) for step, up, down in state.get("bits_before", [])}
         self.start_time = time.perf_counter() - float(state["wall_time"])  # wall_time continues
 
 
@@ -169,14 +184,20 @@ class ProgressLines:
 class FaultHooks:
     """Fault injection for the reliability tests, from environment variables; inert when unset.
     CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W at step T (after its gradient).
-    CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last)."""
+    CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last).
+    CDMPI_TEST_SIGTERM_AT=T: every process sends itself SIGTERM as step T begins (a stop at a known step)."""
 
     def __init__(self, environ=os.environ):
         perturb = environ.get("CDMPI_TEST_PERTURB_X", "")
         self.perturb = tuple(int(v) for v in perturb.split(":")) if perturb else None
         self.sleep = float(environ.get("CDMPI_TEST_STEP_SLEEP", "0") or 0)
+        self.sigterm_at = int(environ.get("CDMPI_TEST_SIGTERM_AT", "-1") or -1)
 
     def before_step(self, t: int, workers: Sequence[LocalWorker]) -> None:
+        if t == self.sigterm_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
         for w in workers:
             if self.perturb == (w.index, t):
                 w.params[0] += 1e-9
@@ -199,6 +220,15 @@ def _finite_metrics(step: WorkerStep) -> bool:
         elif isinstance(value, float) and not math.isfinite(value):
             return False
     return True
+
+
+def _clone(state):
+    """A copy of an algorithm's state_dict (tensors cloned), to put back."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _clone(v) for k, v in state.items()}
+    return state
 
 
 def _portable(values: dict | None) -> dict | None:
@@ -244,6 +274,9 @@ class Engine:
         self._begun = False
         self._traffic = None
         self._logged_steps = 0  # steps whose metric values travelled to the server (train or eval rows)
+        self.defer_checkpoints = False  # a user's loop takes a step's checkpoint where its loop body ends
+        self.checkpoint_due: tuple[bool, bool] | None = None  # (write one, then stop) after the last step
+        self.rows_from = 0  # the first step whose row may still come (a user's loop sends a row one step late)
 
     # ---- set-up ---------------------------------------------------------------------------------------
 
@@ -287,6 +320,7 @@ class Engine:
         manifest = checkpoint.restore(self, spec, root, warn=warn)
         if manifest is not None:
             self.step_count = int(manifest["step"])
+            self.rows_from = checkpoint.rows_step(manifest)
         return manifest
 
     def metrics_digest_before(self, step: int) -> str | None:
@@ -357,11 +391,14 @@ class Engine:
         # Every worker joins the gather another one asks for; a process with nothing to log sends no bytes.
         packed, nbytes = None, 0
         if any(s.train is not None or s.eval is not None for s in inputs):
-            packed, nbytes = self.transport.pack_objects([(_portable(s.train), _portable(s.eval)) for s in inputs])
-        finite = []
+            packed, nbytes = self.transport.pack_objects([(t if s.row is None else s.row, _portable(s.train),
+                                                           _portable(s.eval)) for s in inputs])
+        finite, kept = [], []
         for w, s, frame in zip(self.workers, inputs, self.exchange.upload_frames(t)):
             ok = True
-            if not s.done:
+            # under loss scaling another worker's overflow may skip this step: its encode must be undone
+            kept.append(_clone(w.algorithm.state_dict()) if s.amp and not s.skip else None)
+            if not s.done and not s.skip:
                 ok = w.algorithm.encode(s.grad, frame)
                 if ok is None:  # the encoder cannot tell on its way through the gradient
                     ok = bool(torch.isfinite(s.grad).all())
@@ -373,7 +410,11 @@ class Engine:
         if Flag.ABORT in decision:
             raise AgreedError(decision.error or "the run was stopped by the server (rank 0 says why)")
         done = Flag.DONE in decision
-        if not done:
+        if Flag.SKIP in decision:  # every worker keeps x and its encoder's state: the step is not taken
+            for w, state in zip(self.workers, kept):
+                if state is not None:
+                    w.algorithm.load_state_dict(state)
+        elif not done:
             for w, s in zip(self.workers, inputs):
                 w.algorithm.update(w.params, down, s.lr)
             timer.lap("update")
@@ -382,7 +423,7 @@ class Engine:
             self._logged_steps += 1
         if not done:
             if self.log is not None:
-                self.log.count(*self.exchange.frames(t))
+                self.log.count(t, *self.exchange.frames(t))
             self.step_count = t + 1
             timer.end_step()
             self._traffic = self.transport.traffic()  # per step: the optimizer steps' bytes, not the end's
@@ -390,13 +431,33 @@ class Engine:
                 self._bar.update(1)
             elif self._progress is not None:
                 self._progress.update(self.step_count, self.log)
-        if Flag.CHECKPOINT in decision and self.checkpoint_root is not None:
-            path = checkpoint.save(self, self.step_count, self.checkpoint_root)
-            self.last_checkpoint = path or self.last_checkpoint
-            timer.lap("checkpoint")
-        if Flag.STOP in decision:
-            raise RunStopped(self.step_count, self.last_checkpoint)
+        if Flag.CHECKPOINT in decision or Flag.STOP in decision:
+            self.checkpoint_due = (Flag.CHECKPOINT in decision, Flag.STOP in decision)
+            if not (self.defer_checkpoints and self.workers) or done:
+                self._take_due(final=done and self.cfg.problem.name == checkpoint.OWN_MODEL)
         return decision
+
+    def take_due_checkpoint(self) -> None:
+        """Collective: the checkpoint the last step's decision asked for, then the stop it asked for. A user's
+        loop (defer_checkpoints) takes it where its loop body ends, after what the body does after
+        optimizer.step() (a scheduler's step, logging); the server takes its part at once."""
+        if self.checkpoint_due is None:
+            return
+        try:
+            self._take_due()
+        except (AgreedError, RunStopped):
+            self._end()
+            raise
+
+    def _take_due(self, final: bool = False) -> None:
+        wanted, stop = self.checkpoint_due
+        self.checkpoint_due = None
+        if wanted and self.checkpoint_root is not None:
+            path = checkpoint.save(self, self.step_count, self.checkpoint_root, final=final)
+            self.last_checkpoint = path or self.last_checkpoint
+            self.timer.lap("checkpoint")
+        if stop:
+            raise RunStopped(self.step_count, self.last_checkpoint)
 
     def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool, metrics_nbytes: int,
                 finite: bool) -> Header:
@@ -405,6 +466,10 @@ class Engine:
             flags |= Flag.LOG
         if s.eval is not None:
             flags |= Flag.EVAL
+        if s.skip:
+            flags |= Flag.SKIP
+        if s.nograd:
+            flags |= Flag.NOGRAD
         if stop:
             flags |= Flag.STOP
         if s.done:
@@ -437,13 +502,15 @@ class Engine:
         """The workers' metric values of step t (packed before the exchange) to the server, into rows."""
         gathered = self.transport.gather_objects(packed, decision.metrics_nbytes)
         if self.log is not None:
+            row_step = next(step for step, _, _ in gathered)
+            self.rows_from = max(self.rows_from, row_step + 1)
             if Flag.LOG in decision:
-                row = self.log.record(t, "train", [train for train, _ in gathered if train is not None])
+                row = self.log.record(row_step, "train", [train for _, train, _ in gathered if train is not None])
                 if self._bar is not None:
                     self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
                                           grad_norm_sq=f"{row.get('grad_norm_sq', float('nan')):.3g}", refresh=False)
             if Flag.EVAL in decision:
-                self.log.record(t, "eval", [ev for _, ev in gathered if ev is not None])
+                self.log.record(row_step, "eval", [ev for _, _, ev in gathered if ev is not None])
         self.timer.lap("metrics")
 
     def serve(self) -> dict | None:

@@ -91,7 +91,7 @@ class FrameExchange:
         if transport.is_server:
             decision = decide(unpack_headers(messages), stop)
             down[:H].copy_(pack_headers([Header(decision.flags, step)])[0])
-            if not decision.flags & (Flag.DONE | Flag.ABORT):
+            if not decision.flags & (Flag.DONE | Flag.ABORT | Flag.SKIP):
                 self._aggregate(messages[:, H:], down[H:])
         timer.lap("aggregate")
         transport.broadcast(down)
@@ -119,7 +119,7 @@ class FrameExchange:
         decision = decide(table[1:], Flag.STOP in table[0].flags)
         timer.lap("gather")
         down = self._buffer("down", (down_c.frame_nbytes,), self.frame_device)
-        if decision.flags & (Flag.DONE | Flag.ABORT) or not self.n_local:
+        if decision.flags & (Flag.DONE | Flag.ABORT | Flag.SKIP) or not self.n_local:
             return decision, down
         parts = transport.scatter_slices(self._upload_buffer(step), up_c.slice_nbytes)
         timer.lap("gather")

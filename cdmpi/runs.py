@@ -100,6 +100,10 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
     checkpoint's run; later checkpoints go; or a fresh start clears an earlier run's checkpoints."""
     if manifest is not None:
         step = int(manifest["step"])
+        if manifest.get("final") and resume == "auto":  # nothing is touched: the finished run stays as it is
+            raise CdmpiError(f"{out or root} holds a finished run ({step} steps; its last checkpoint is the end of "
+                             f"the run): resume='auto' has nothing to continue. Pass overwrite=True (without resume) "
+                             f"to train again, or resume='{checkpoint.step_dir(root, step)}' to train on from its end")
         made_by = (manifest.get("cdmpi_version"), manifest.get("git_commit"))
         if "git_commit" not in engine.attrs:
             from .engine import provenance
@@ -133,7 +137,8 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
                                  f"to continue it or --overwrite to start over")
             checkpoint.remove_all(root)
     if out is not None:
-        engine.open_metrics(out, overwrite=overwrite, resume_step=step)
+        engine.open_metrics(out, overwrite=overwrite,
+                            resume_step=None if manifest is None else checkpoint.rows_step(manifest))
 
 
 def _same_job_wrote(out: Path) -> bool:
@@ -164,14 +169,15 @@ def _check_continues(out: Path, manifest: dict) -> None:
     if ours and theirs != ours:
         raise CdmpiError(f"metrics file {out} holds the rows of another run (run id {theirs}; the checkpoint of "
                          f"step {manifest['step']} belongs to run {ours}); resume with that run's --out")
-    have = int(np.searchsorted(run["train"]["step"], int(manifest["step"]), side="left"))
+    rows = checkpoint.rows_step(manifest)
+    have = int(np.searchsorted(run["train"]["step"], rows, side="left"))
     want = manifest.get("metrics_rows")
     if want is not None and have != want:
-        raise CdmpiError(f"metrics file {out} has {have} rows before step {manifest['step']}, but the checkpoint's "
+        raise CdmpiError(f"metrics file {out} has {have} rows before step {rows}, but the checkpoint's "
                          f"run had written {want}: it is not the file this checkpoint continues")
     digest = manifest.get("metrics_sha256")
-    if digest and metrics.rows_digest({g: v for g, v in run.items() if g != "attrs"}, int(manifest["step"])) != digest:
-        raise CdmpiError(f"metrics file {out}: its rows before step {manifest['step']} are not the ones the "
+    if digest and metrics.rows_digest({g: v for g, v in run.items() if g != "attrs"}, rows) != digest:
+        raise CdmpiError(f"metrics file {out}: its rows before step {rows} are not the ones the "
                          f"checkpoint's run wrote (changed or damaged since); a resume would carry them on. "
                          f"Restore the file, or start over with --overwrite")
 

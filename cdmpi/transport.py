@@ -228,6 +228,7 @@ class MPITransport:
         self._watch_comm = comm.Dup()  # the watchdog's own channel (see Watchdog)
         self.watchdog: Watchdog | None = None
         self.step = 0
+        self.activity = "computing"  # what this rank does outside collectives, as the watchdog reports it
         self._end_job_on_sigint()
 
     def _end_job_on_sigint(self) -> None:
@@ -603,7 +604,7 @@ class Watchdog:
         now, since = time.monotonic(), self._since
         if since is not None:
             return {"step": self.transport.step, "state": f"waiting in {self._what}", "for": now - since}
-        return {"step": self.transport.step, "state": "computing", "for": now - self._left}
+        return {"step": self.transport.step, "state": self.transport.activity, "for": now - self._left}
 
     def _run(self) -> None:
         any_source = self.transport._mpi.ANY_SOURCE
@@ -619,10 +620,29 @@ class Watchdog:
                 continue
             waited = time.monotonic() - since
             if self.transport.is_server and waited > self.timeout:
-                self._end(self._ask(range(1, self.transport.world_size)), waited)
+                answers = self._ask(range(1, self.transport.world_size))
+                if self._alive(answers):
+                    continue
+                self._end(answers, waited)
             elif not self.transport.is_server and waited > self.timeout + self.GRACE_S:
-                self._end(self._ask([0]), waited)
+                answers = self._ask([0])
+                if answers[0] is not None and answers[0]["state"].startswith("waiting"):
+                    self._since = time.monotonic()  # rank 0 waits too, and watches every rank
+                    continue
+                self._end(answers, waited)
         request.Cancel()
+
+    def _alive(self, answers: dict[int, dict | None]) -> bool:
+        """Every rank answered, and the ones not waiting in a collective replay a resumed loop's steps (which
+        talk to no one; cdmpi.api). Then the wait goes on, watched afresh."""
+        if any(a is None for a in answers.values()):
+            return False
+        states = [a["state"] for a in answers.values()]
+        if "replaying" in states and "computing" not in states:
+            if self._since is not None:
+                self._since = time.monotonic()
+            return True
+        return False
 
     def _ask(self, ranks) -> dict[int, dict | None]:
         """Every rank's answer (None: none within ANSWER_S)."""

@@ -63,19 +63,16 @@ def train(run, epochs, lr):
     share = torch.arange(len(train_y)).tensor_split(run.workers)[run.worker]  # this worker's images
     steps_per_epoch = len(train_y) // run.workers // BATCH  # the same on every worker: shares differ by one
 
-    torch.manual_seed(0)  # every worker builds the same initial model
-    model = Net().to(run.device)
+    model = Net().to(run.device)  # worker 0's initial values go to every worker
     opt = run.optimizer(model, lr=lr)  # CD-Adam, scaled sign both ways; restores everything on resume
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, 2 * epochs // 3)], gamma=0.1)
     run.state(scheduler=scheduler)  # checkpointed with the run
 
-    for step in range(run.step, epochs * steps_per_epoch):
+    for step in run.steps(epochs * steps_per_epoch):  # from 0, or from a resumed checkpoint's step
         epoch, batch = divmod(step, steps_per_epoch)
-        if batch == 0:  # a new epoch: evaluate the model as it is, then move the schedule on
+        if batch == 0:  # a new epoch: evaluate the model as it is
             loss, accuracy = evaluate(model, test_x, test_y)
             run.log_eval(epoch=epoch, loss=loss, accuracy=accuracy)
-            if epoch > 0:
-                scheduler.step()
         order = share[torch.randperm(len(share), generator=torch.Generator().manual_seed(epoch))]
         rows = order[batch * BATCH:(batch + 1) * BATCH]
         loss = F.cross_entropy(model(train_x[rows].to(run.device)), train_y[rows].to(run.device))
@@ -83,6 +80,8 @@ def train(run, epochs, lr):
         loss.backward()
         run.log(loss=loss.item(), lr=opt.param_groups[0]["lr"])
         opt.step()
+        if batch == steps_per_epoch - 1:  # the end of an epoch: the schedule moves on
+            scheduler.step()
 
     loss, accuracy = evaluate(model, test_x, test_y)
     run.log_eval(epoch=epochs, loss=loss, accuracy=accuracy)
@@ -102,10 +101,8 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3, help="learning rate before the drop")
     args = parser.parse_args()
     workers = args.workers if args.workers is not None or cdmpi.launched_by_mpi() else 4
-    # overwrite: a fresh start replaces --out; with --resume auto, a run killed before its first checkpoint
-    # starts over (what a requeued batch job needs)
     cdmpi.launch(lambda run: train(run, args.epochs, args.lr), out=args.out, workers=workers,
-                 resume=args.resume, overwrite=True, settings={"checkpoint.every": 20})
+                 resume=args.resume, overwrite=args.resume is None, settings={"checkpoint.every": 20})
 
 
 if __name__ == "__main__":

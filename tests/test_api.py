@@ -142,7 +142,7 @@ def small_loop(steps=8, *, log=True, scheduler=False, zero_grad="optimizer", **o
         opt = run.optimizer(model, **{"lr": 0.05, **options})
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if scheduler else None
         data = torch.Generator().manual_seed(run.worker)
-        for _ in range(run.step, steps):
+        for _ in run.steps(steps):
             x = torch.randn(16, 6, generator=data, dtype=torch.float64)
             loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
             (model.zero_grad if zero_grad == "model" else opt.zero_grad)()
@@ -192,13 +192,13 @@ def test_optimizer_state_dict_round_trip_is_a_warm_start(tmp_path):
         state = opt.state_dict()
         assert opt.param_groups[0]["lr"] == 0.1
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):  # AMSGrad's moments came over
-            assert torch.equal(state["state"]["algorithm"]["amsgrad"][key],
-                               saved[run.worker]["state"]["algorithm"]["amsgrad"][key])
+            assert torch.equal(state["state"][0]["algorithm"]["amsgrad"][key],
+                               saved[run.worker]["state"][0]["algorithm"]["amsgrad"][key])
         # the compression sequences pair with the server's, which starts afresh: they stay fresh
-        assert state["state"]["algorithm"]["g_hat"]["count"] == 0
+        assert state["state"][0]["algorithm"]["g_hat"]["count"] == 0
 
     cdmpi.launch(first, workers=2, quiet=True)
-    assert saved[0]["state"]["step"] == 3 and saved[0]["state"]["algorithm"]["g_hat"]["count"] == 3
+    assert saved[0]["state"][0]["step"] == 3 and saved[0]["state"][0]["algorithm"]["g_hat"]["count"] == 3
     cdmpi.launch(second, workers=2, quiet=True)
 
 

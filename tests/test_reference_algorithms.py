@@ -150,7 +150,7 @@ def package(name, compressor, a, b, x0, *, steps=STEPS, out=None, resume=None, s
         opt = run.optimizer(model, algorithm=name, compressor=compressor, lr=LR, betas=(OPTIM.beta1, OPTIM.beta2),
                             eps=OPTIM.nu, warmup_steps=OPTIM.warmup_steps, k=K)
         path = []
-        for _ in range(run.step, steps):
+        for _ in run.steps(steps):
             model.x.grad.copy_(torch.from_numpy(local_grad(a[run.worker], b[run.worker], model.x.detach().numpy())))
             run.log()
             opt.step()

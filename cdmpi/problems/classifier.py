@@ -13,22 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import images as imagesets
+from ..optimizer import flatten_
 from .sampling import EpochSampler, seed_key
 
 EVAL_BATCH = 1000
-
-
-def flatten_(params, flat: torch.Tensor, flat_grad: torch.Tensor) -> None:
-    """Make the parameters views into flat, and their .grad views into flat_grad (the layout of
-    torch.nn.utils.parameters_to_vector)."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat[offset:offset + n].view_as(p)
-        p.grad = flat_grad[offset:offset + n].view_as(p)
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"flat vector has {flat.numel()} entries, the parameters {offset}")
 
 
 class ImageShard:
