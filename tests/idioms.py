@@ -217,7 +217,7 @@ def amp(run):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        run.log(scale=scaler.get_scale())
+        run.log(scale=scaler.get_scale(), x_sum=sum(p.double().sum() for p in model.parameters()).item())
 
 
 def main() -> None:

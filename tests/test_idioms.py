@@ -9,6 +9,9 @@ import re
 import numpy as np
 import pytest
 
+import torch
+
+import cdmpi
 from cdmpi import metrics
 
 from conftest import REPO, run_python, subprocess_env
@@ -75,6 +78,8 @@ def test_rows_are_at_their_steps(references):
     assert len(set(onecycle["beta1"].tolist())) > 3  # cycle_momentum moved beta1
     amp = references["amp"]["train"]  # worker 1 overflowed at steps 3 and 8: both scalers halved there
     assert amp["scale"][3] == amp["scale"][2] / 2 and amp["scale"][8] == amp["scale"][7] / 2
+    x_sum = amp["x_sum"]  # x after each step: the skipped steps left it as it was, the others moved it
+    assert x_sum[3] == x_sum[2] and x_sum[8] == x_sum[7] and x_sum[4] != x_sum[3]
 
 
 @pytest.mark.mpi
@@ -98,3 +103,146 @@ def test_the_readme_example_gives_the_same_bits_in_process_and_under_mpiexec_and
     r = run_python([stop / "mine.py"], cwd=stop, ranks=5)  # resume="auto", as printed
     assert r.returncode == 0, r.stderr
     assert_same_run(stop / "runs" / "mine.h5", reference)
+
+
+# ---- what cannot work fails loudly: one line, every worker stops, nothing is lost --------------------------
+
+def tiny_loop(body, steps=4, **options):
+    """A loop over run.steps() (or, body(run, opt, model) itself) on a 4-parameter model."""
+    def loop(run):
+        model = torch.nn.Linear(3, 1)
+        opt = run.optimizer(model, **{"lr": 0.01, **options})
+        body(run, opt, model, steps)
+    return loop
+
+
+def step_once(model, opt):
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def launch_error(capsys, fn, **kwargs) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as end:
+        cdmpi.launch(fn, workers=2, **{"quiet": True, **kwargs})
+    return end.value.code, capsys.readouterr().err
+
+
+def test_a_step_without_backward_stops_the_run(capsys):
+    def body(run, opt, model, steps):
+        for _ in run.steps(steps):
+            opt.step()  # no backward(): it would step on zero gradients
+    code, err = launch_error(capsys, tiny_loop(body))
+    assert code == 1 and "optimizer.step() at step 0 without a gradient on worker 0" in err
+
+
+@pytest.mark.parametrize("calls", [0, 2])
+def test_a_run_steps_body_takes_one_optimizer_step(capsys, calls):
+    def body(run, opt, model, steps):
+        for _ in run.steps(steps):
+            for _ in range(calls):
+                step_once(model, opt)
+    code, err = launch_error(capsys, tiny_loop(body))
+    assert code == 1 and f"the body of run.steps() took {calls} optimizer steps at step 0" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_add_param_group_is_refused_and_groups_must_share_betas(capsys):
+    def body(run, opt, model, steps):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    code, err = launch_error(capsys, tiny_loop(body))
+    assert code == 1 and "add_param_group(): cdmpi's optimizer keeps every parameter in one flat vector" in err
+
+    def groups(run):
+        model = torch.nn.Linear(3, 1)
+        run.optimizer([{"params": [model.weight]}, {"params": [model.bias], "betas": (0.5, 0.9)}])
+    code, err = launch_error(capsys, groups)
+    assert code == 2 and "param group 1 has betas = (0.5, 0.9)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_comm_timeout_applies_to_a_loop_and_generators_are_checkpointed(tmp_path):
+    seen = {}
+
+    def loop(run):
+        model = torch.nn.Linear(3, 1)
+        opt = run.optimizer(model, lr=0.01)
+        g = run.state(g=torch.Generator().manual_seed(5))["g"]
+        for _ in run.steps(3):
+            (model(torch.randn(2, 3, generator=g)).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        seen[run.worker] = g.get_state()
+
+    cdmpi.launch(loop, workers=2, out=tmp_path / "a.h5", quiet=True, settings={"comm.timeout": 1800})
+    ckpt = sorted((tmp_path / "a.ckpt").iterdir())[-1] / "worker-0000.pt"
+    saved = torch.load(ckpt, weights_only=True)["state"]["user"]["g"]  # loads without weights_only=False
+    assert torch.equal(saved, seen[0])
+
+
+def test_a_finished_run_is_not_resumed_by_auto_and_nothing_is_touched(tmp_path, capsys):
+    out = tmp_path / "run.h5"
+
+    def body(run, opt, model, steps):
+        for _ in run.steps(steps):
+            step_once(model, opt)
+            run.log(x=1.0)
+    cdmpi.launch(tiny_loop(body), workers=2, out=out, quiet=True)
+    before = out.read_bytes()
+    code, err = launch_error(capsys, tiny_loop(body), out=out, resume="auto")
+    assert code == 2 and "holds a finished run (4 steps" in err and "resume='" in err
+    assert out.read_bytes() == before
+    cdmpi.launch(tiny_loop(body, steps=6), workers=2, out=out, quiet=True,  # on from its end, explicitly
+                 resume=str(tmp_path / "run.ckpt" / "step-000000004"))
+    assert metrics.read(out)["train"]["step"].tolist() == list(range(6))
+
+
+def test_a_checkpoint_resumes_only_with_the_kind_of_loop_that_wrote_it(tmp_path, capsys):
+    out = tmp_path / "run.h5"
+
+    def with_steps(run, opt, model, steps):
+        for _ in run.steps(steps):
+            step_once(model, opt)
+
+    def without(run, opt, model, steps):
+        for _ in range(steps):
+            step_once(model, opt)
+
+    cdmpi.launch(tiny_loop(with_steps), workers=2, out=out, quiet=True, settings={"checkpoint.every": 2})
+    code, err = launch_error(capsys, tiny_loop(without, steps=6), out=out,
+                             resume=str(tmp_path / "run.ckpt" / "step-000000002"))
+    assert code == 1 and "written by a loop over run.steps(); resume it with that loop" in err
+
+
+def test_param_groups_step_as_a_float64_transcription_of_amsgrad_with_decoupled_decay():
+    """Uncompressed AMSGrad (float32 frames), one worker, two groups with their own lr and decoupled decay
+    on one: cdmpi's range-by-range update against numpy in float64."""
+    rng = np.random.default_rng(0)
+    a, b, x0 = rng.normal(size=(6, 5)), rng.normal(size=6), rng.normal(size=5)
+    lrs, decays, beta1, beta2, nu, steps = (0.05, 0.2), (0.1, 0.0), 0.9, 0.99, 1e-8, 6
+
+    def two(run):
+        head, tail = (torch.nn.Parameter(torch.tensor(x0[:3])), torch.nn.Parameter(torch.tensor(x0[3:])))
+        opt = run.optimizer([{"params": [head], "lr": lrs[0], "weight_decay": decays[0]},
+                             {"params": [tail], "lr": lrs[1], "weight_decay": decays[1]}],
+                            algorithm="amsgrad", compressor="identity", betas=(beta1, beta2), eps=nu,
+                            decoupled_weight_decay=True)
+        for _ in run.steps(steps):
+            x = torch.cat([head, tail])
+            (0.5 * ((torch.tensor(a) @ x - torch.tensor(b)) ** 2).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        return torch.cat([head, tail]).detach().numpy()
+
+    got = cdmpi.launch(two, workers=1, quiet=True)[0]
+    x, m, v, v_hat = x0.copy(), np.zeros(5), np.zeros(5), np.zeros(5)
+    lr = np.array([lrs[0]] * 3 + [lrs[1]] * 2)
+    wd = np.array([decays[0]] * 3 + [decays[1]] * 2)
+    for _ in range(steps):
+        g = (a.T @ (a @ x - b)).astype(np.float32).astype(np.float64)  # identity frames are float32
+        x = x * (1 - lr * wd)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        v_hat = np.maximum(v_hat, v)
+        x = x - lr * m / np.sqrt(v_hat + nu)
+    np.testing.assert_allclose(got, x, rtol=1e-12, atol=1e-14)
+    assert np.abs(x - x0).max() > 0.1  # it moved
