@@ -34,12 +34,12 @@ def assert_same_run(path, reference) -> None:
     np.testing.assert_array_equal(run["final"]["params"], reference["final"]["params"])
 
 
-def stopped_and_resumed(args, out, ranks=None) -> None:
-    r = run_python([*args, "--out", out], ranks=ranks, env=subprocess_env(CDMPI_TEST_SIGTERM_AT=STOP_AT))
+def stopped_and_resumed(args, out, ranks=None, cwd=None) -> None:
+    r = run_python([*args, "--out", out], ranks=ranks, env=subprocess_env(CDMPI_TEST_SIGTERM_AT=STOP_AT), cwd=cwd)
     assert r.returncode == EXIT_STOPPED, r.stderr
     stopped = re.search(r"stopped by SIGTERM at step (\d+)", r.stderr)  # the signal arrives as step STOP_AT begins
     assert stopped and STOP_AT < int(stopped.group(1)) < STEPS, r.stderr
-    r = run_python([*args, "--out", out, "--resume", "auto"], ranks=ranks)
+    r = run_python([*args, "--out", out, "--resume", "auto"], ranks=ranks, cwd=cwd)
     assert r.returncode == 0, r.stderr
 
 
@@ -246,3 +246,16 @@ def test_param_groups_step_as_a_float64_transcription_of_amsgrad_with_decoupled_
         x = x - lr * m / np.sqrt(v_hat + nu)
     np.testing.assert_allclose(got, x, rtol=1e-12, atol=1e-14)
     assert np.abs(x - x0).max() > 0.1  # it moved
+
+
+@pytest.mark.mpi
+def test_the_mingpt_port_under_mpiexec_stopped_and_resumed_is_the_in_process_run(tmp_path):
+    """examples/mingpt/adder.py: minGPT's own Trainer, unchanged, logging in its on_batch_end callback."""
+    adder = [REPO / "examples" / "mingpt" / "adder.py", "--max-iters", 30]
+    r = run_python([*adder, "--workers", 2, "--out", tmp_path / "ref.h5"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    reference = metrics.read(tmp_path / "ref.h5")
+    assert reference["train"]["step"].tolist() == list(range(30))
+    assert reference["eval"]["step"].tolist() == [0, 29]  # worker 0 evaluates at step 0 and at the end
+    stopped_and_resumed([*adder], tmp_path / "run.h5", ranks=3, cwd=tmp_path)
+    assert_same_run(tmp_path / "run.h5", reference)
