@@ -5,22 +5,22 @@
     def train(run):                                  # one worker's loop
         model = Net().to(run.device)
         opt = run.optimizer(model, lr=1e-3)           # CD-Adam; a torch.optim.Optimizer
-        for step in range(run.step, 1000):           # run.step: where a resumed run goes on
+        for step in run.steps(1000):                 # from 0, or from where a stopped run was
             x, y = batch(run.worker, step)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
-            run.log(loss=loss.item())                 # this step's row in the metrics file
             opt.step()
+            run.log(loss=loss.item())                 # this step's row in the metrics file
 
     cdmpi.launch(train, out="run.h5", workers=4, resume="auto")
 
 Under ``mpiexec -n N+1 python script.py`` rank 0 becomes the server and ranks 1..N run ``train``; under
 plain ``python`` the N workers run ``train`` in this process, taking turns (one runs at a time, each with
-its own random state), so both give the same bits. The run gets everything ``cdmpi train`` has: HDF5
-metrics (the bits are counted), checkpoints of every rank's state with bit-exact resume, SIGTERM ends in a
-checkpoint and exit status 75, and the fault checks. The server needs no step count: it serves until the
-workers' loops end.
+its own random state, seeded from run.seed), so both give the same bits. The run gets everything ``cdmpi
+train`` has: HDF5 metrics (the bits are counted), checkpoints of every rank's state with bit-exact resume,
+SIGTERM ends in a checkpoint and exit status 75, and the fault checks. The server needs no step count: it
+serves until the workers' loops end. Loops without ``run.steps()`` work too (see ``Run``).
 """
 
 from __future__ import annotations
