@@ -11,9 +11,10 @@ from . import metrics
 from .errors import CdmpiError
 
 
-def summarize(path, target: tuple[str, float] | None = None) -> dict:
-    """One row per run; with target = (column, value), also the first step at which column <= value
-    and the bits (up + down) spent until then (None if never reached)."""
+def summarize(path, target: tuple[str, str, float] | None = None) -> dict:
+    """One row per run; with target = (column, "<=" or ">=", value), also the first step at which the
+    column (of /train, else /eval) reaches the value and the bits (up + down) spent until then (None if
+    never reached)."""
     run = metrics.read(path)
     attrs, train = run["attrs"], run["train"]
     cfg = attrs.get("config", {})
@@ -39,25 +40,43 @@ def summarize(path, target: tuple[str, float] | None = None) -> dict:
            "workers": int(attrs.get("n_workers", 0)), "steps": step, "final_loss": final_loss,
            "final_grad_norm_sq": final_g, "min_grad_norm_sq": min_g, "test_accuracy": test_accuracy, "bits_up": bits_up,
            "bits_down": bits_down, "bits_total": bits_up + bits_down}
+    row["last"] = {f"{group}/{name}": float(values[-1]) for group in ("train", "eval")
+                   for name, values in (run.get(group) or {}).items() if len(values) and name != "step"}
     if target is not None:
-        column, value = target
-        if column not in train:
-            raise CdmpiError(f"{path}: no column {column!r} to target; it has {', '.join(sorted(train))}")
-        hit = np.flatnonzero(train[column] <= value)
-        row["target"] = f"{column}<={value:g}"
-        row["steps_to_target"] = int(train["step"][hit[0]]) if len(hit) else None
-        row["bits_to_target"] = (int(train["bits_up"][hit[0]] + train["bits_down"][hit[0]])
+        column, direction, value = target
+        rows = rows_with(run, path, column)
+        values = rows[column]
+        hit = np.flatnonzero(values <= value if direction == "<=" else values >= value)
+        row["target"] = f"{column}{direction}{value:g}"
+        row["steps_to_target"] = int(rows["step"][hit[0]]) if len(hit) else None
+        row["bits_to_target"] = (int(rows["bits_up"][hit[0]] + rows["bits_down"][hit[0]])
                                  if len(hit) else None)
     return row
 
 
-def best(rows: list[dict]) -> list[dict]:
-    """Per (dataset, algorithm, compressor, topology): the run with the lowest final grad_norm_sq (NaN counts
-    as worst; ties go to the smaller step size), in the order the groups first appear."""
+def rows_with(run: dict, path, column: str) -> dict:
+    """The group (/train first, then /eval) that has the column."""
+    for group in ("train", "eval"):
+        if column in (run.get(group) or {}):
+            return run[group]
+    have = sorted({name for group in ("train", "eval") for name in (run.get(group) or {}) if name != "step"})
+    raise CdmpiError(f"{path}: no column {column!r} in /train or /eval; it has {', '.join(have)}")
+
+
+def best(rows: list[dict], by: tuple[str, str] | None = None) -> list[dict]:
+    """Per (dataset, algorithm, compressor, topology): the run with the lowest final grad_norm_sq, or with
+    by = (column, "min" or "max") the best last value of that /train or /eval column (NaN and a missing
+    value count as worst; ties go to the smaller step size), in the order the groups first appear."""
     groups: dict[tuple, dict] = {}
     for row in rows:
         key = (row["dataset"], row["algorithm"], row["compressor"], row.get("topology", "star"))
-        score = (_nan_last(row["final_grad_norm_sq"]), row["lr"] if row["lr"] is not None else 0.0)
+        if by is None:
+            value = row["final_grad_norm_sq"]
+        else:
+            column, direction = by
+            value = row["last"].get(f"train/{column}", row["last"].get(f"eval/{column}", float("nan")))
+            value = -value if direction == "max" else value
+        score = (_nan_last(value), row["lr"] if row["lr"] is not None else 0.0)
         if key not in groups or score < groups[key][0]:
             groups[key] = (score, row)
     return [row for _, row in groups.values()]
@@ -99,16 +118,30 @@ def expand(paths) -> list[Path]:
     return files
 
 
-def parse_target(text: str) -> tuple[str, float]:
-    column, sep, value = text.partition("=")
-    try:
-        return column.strip(), float(value)
-    except ValueError:
-        raise CdmpiError(f"--target expects COLUMN=VALUE, e.g. grad_norm_sq=1e-4; got {text!r}") from None
+def parse_target(text: str) -> tuple[str, str, float]:
+    """COLUMN<=VALUE (a ceiling to get under: a loss), COLUMN>=VALUE (a floor to get over: an accuracy), or
+    COLUMN=VALUE, which means <=."""
+    for op in ("<=", ">=", "="):
+        column, sep, value = text.partition(op)
+        if sep:
+            try:
+                return column.strip(), "<=" if op == "=" else op, float(value)
+            except ValueError:
+                break
+    raise CdmpiError(f"--target expects COLUMN<=VALUE or COLUMN>=VALUE, e.g. grad_norm_sq<=1e-4 or "
+                     f"accuracy>=0.9; got {text!r}")
+
+
+def parse_best_by(text: str) -> tuple[str, str]:
+    column, _, direction = text.partition(":")
+    direction = direction or "min"
+    if not column or direction not in ("min", "max"):
+        raise CdmpiError(f"--best-by expects COLUMN or COLUMN:max or COLUMN:min, e.g. accuracy:max; got {text!r}")
+    return column, direction
 
 
 COLUMNS = [("file", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("topology", "{}"), ("workers", "{}"),
-           ("steps", "{}"), ("final_loss", "{:.6g}"), ("final_grad_norm_sq", "{:.4e}"), ("min_grad_norm_sq", "{:.4e}"),
+           ("lr", "{:g}"), ("steps", "{}"), ("final_loss", "{:.6g}"), ("final_grad_norm_sq", "{:.4e}"), ("min_grad_norm_sq", "{:.4e}"),
            ("test_accuracy", "{:.4f}"), ("bits_total", "{:.4e}")]
 BEST_COLUMNS = [("dataset", "{}"), ("algorithm", "{}"), ("compressor", "{}"), ("lr", "{:g}"), ("steps", "{}"),
                 ("final_grad_norm_sq", "{:.4e}"), ("bits_total", "{:.4e}"), ("file", "{}")]
@@ -124,4 +157,4 @@ def format_table(rows: list[dict], columns=COLUMNS) -> str:
 
 
 def to_json(rows: list[dict]) -> str:
-    return json.dumps(rows, indent=2)
+    return json.dumps([{k: v for k, v in row.items() if k != "last"} for row in rows], indent=2)

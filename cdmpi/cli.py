@@ -103,9 +103,14 @@ def _report_parser(sub) -> None:
     p.add_argument("--best", action="store_true",
                    help="one row per dataset, algorithm and compressor: the step size with the lowest final "
                         "grad_norm_sq")
-    p.add_argument("--target", default=None, metavar="COLUMN=VALUE",
-                   help="add the first step at which COLUMN <= VALUE and the bits (up + down) spent until "
-                        "then, e.g. --target grad_norm_sq=1e-4 ('-': never reached)")
+    p.add_argument("--best-by", default=None, metavar="COLUMN[:max|:min]",
+                   help="--best by the last value of another /train or /eval column, e.g. --best-by "
+                        "accuracy:max (default :min)")
+    p.add_argument("--target", default=None, metavar="COLUMN<=VALUE|COLUMN>=VALUE",
+                   help="add the first step at which COLUMN (of /train, else /eval) gets to VALUE, from above "
+                        "(<=, a loss) or below (>=, an accuracy), and the bits (up + down) spent until then, "
+                        "e.g. --target grad_norm_sq<=1e-4 or --target accuracy>=0.9 ('-': never reached; "
+                        "COLUMN=VALUE means <=)")
 
 
 def _sweep_parser(sub) -> None:
@@ -330,10 +335,11 @@ def cmd_report(args) -> int:
     target = analysis.parse_target(args.target) if args.target else None
     rows = [analysis.summarize(path, target) for path in analysis.expand(args.files)]
     columns = analysis.COLUMNS
-    if args.best:
+    by = analysis.parse_best_by(args.best_by) if args.best_by else None
+    if args.best or by is not None:
         for warning in analysis.best_warnings(rows):
             print(f"cdmpi: warning: {warning}", file=sys.stderr)
-        rows, columns = analysis.best(rows), analysis.BEST_COLUMNS
+        rows, columns = analysis.best(rows, by), analysis.BEST_COLUMNS
     if target is not None:
         columns = columns + analysis.TARGET_COLUMNS
     print(analysis.to_json(rows) if args.json else analysis.format_table(rows, columns))

@@ -89,9 +89,7 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     fig, axes = plt.subplots(len(xs), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(xs)),
                              squeeze=False)
     for row in sorted(rows, key=lambda r: (methods.index(_method(r)), r["lr"] or 0.0)):
-        train = metrics.read(row["file"])["train"]
-        if y not in train:
-            raise CdmpiError(f"{row['file']} has no column {y!r}; it has {', '.join(sorted(train))}")
+        train = analysis.rows_with(metrics.read(row["file"]), row["file"], y)  # /train, else /eval
         column = datasets.index(str(row["dataset"]))
         style = styles[_method(row)] if best_only else styles.get(row["lr"], "-")
         label = f"{_method(row)}" + (f" lr={row['lr']:g}" if row["lr"] is not None else "")

@@ -4,6 +4,7 @@ final parameters of its uninterrupted in-process run, bit for bit; and every row
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 import cdmpi
 from cdmpi import metrics
 
-from conftest import REPO, run_python, subprocess_env
+from conftest import REPO, run_main, run_python, subprocess_env
 
 IDIOMS = REPO / "tests" / "idioms.py"
 STEPS = 12
@@ -259,3 +260,32 @@ def test_the_mingpt_port_under_mpiexec_stopped_and_resumed_is_the_in_process_run
     assert reference["eval"]["step"].tolist() == [0, 29]  # worker 0 evaluates at step 0 and at the end
     stopped_and_resumed([*adder], tmp_path / "run.h5", ranks=3, cwd=tmp_path)
     assert_same_run(tmp_path / "run.h5", reference)
+
+
+def test_report_and_plot_use_your_own_eval_columns(tmp_path):
+    """--target with a floor on an /eval column, --best-by it, the lr column, and plot --y of it."""
+    def loop_at(lr):
+        def loop(run):
+            model = torch.nn.Linear(3, 1)
+            opt = run.optimizer(model, lr=lr)
+            for step in run.steps(6):
+                step_once(model, opt)
+                run.log(loss=1.0 / (step + 1))
+                run.log_eval(accuracy=min(1.0, lr * 10 * (step + 1)))
+        return loop
+
+    for lr in (0.01, 0.05):
+        cdmpi.launch(loop_at(lr), workers=2, out=tmp_path / f"lr{lr}.h5", quiet=True)
+    r = run_main(["report", tmp_path, "--target", "accuracy>=0.5"])
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:6] == ["file", "algorithm", "compressor", "topology", "workers", "lr"]
+    steps = {row.split()[0].rsplit("/", 1)[-1]: row.split()[-2] for row in rows}
+    assert steps == {"lr0.01.h5": "4", "lr0.05.h5": "0"}  # accuracy 0.5 first at step 4; at 0.05 at once
+    r = run_main(["report", tmp_path, "--best-by", "accuracy:max", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["lr"] == 0.05
+    png = tmp_path / "acc.png"
+    r = run_main(["plot", tmp_path, "--y", "accuracy", "--out", png])
+    assert r.returncode == 0, r.stderr
+    r = run_main(["report", tmp_path, "--target", "accuracy>=x"])
+    assert r.returncode == 2 and "--target expects COLUMN<=VALUE or COLUMN>=VALUE" in r.stderr
