@@ -271,6 +271,8 @@ class Run:
         if self._steps and not self._loop and self._resumed is None:
             raise CdmpiError("run.steps() after optimizer.step() calls outside it: one loop drives a run")
         self._loop = True
+        if self._job.engine.progress_total is not None:  # the progress line shows the total (in process)
+            self._job.engine.progress_total = total
         return self._step_loop(total)
 
     def _step_loop(self, total: int):
