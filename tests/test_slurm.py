@@ -308,3 +308,28 @@ def test_own_script_requeued_mid_run_resumes_to_the_same_final_parameters(cluste
             if column != "wall_time":
                 np.testing.assert_array_equal(run[group][column], expected[group][column], err_msg=column)
     np.testing.assert_array_equal(run["final"]["params"], expected["final"]["params"])
+
+
+@needs_cluster
+def test_a_sigterm_before_cdmpi_is_imported_still_requeues_the_job(cluster, tmp_path):
+    """The time-limit warning reaches the ranks while they start (before `import cdmpi` could take SIGTERM):
+    they end with SIGTERM's status instead of 75, and train.sbatch requeues the job all the same; the second
+    start trains to the end."""
+    out = tmp_path / "slow.h5"
+    marker = tmp_path / "started"
+    env = slurm_env(SCRIPT=REPO / "tests" / "slow_start.py", OUT=out, CDMPI_TEST_SLOW_START_MARKER=marker)
+    job = submit("train.sbatch", [f"--ntasks={WORKERS + 1}", f"--output={tmp_path}/slurm-%j.out"], env)
+    deadline = time.monotonic() + scaled(240)
+    while len(list(tmp_path.glob("started.*"))) < WORKERS + 1:  # every rank is in its slow start
+        [fields] = job_fields(job)
+        if time.monotonic() > deadline or fields["JobState"] not in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"job {job} did not start: {fields}")
+        time.sleep(0.1)
+    assert shell(["scancel", "--batch", "--signal=TERM", job]).returncode == 0
+    [fields] = wait_done(job)
+    log = out.with_suffix(".log").read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", f"{fields}\n{log}"
+    assert re.search(r"restart 0\] stopped with exit code (143|15); requeueing", log), log
+    assert "restart 1] cdmpi exited with code 0" in log and "finished 20 steps" in log
+    assert metrics.read(out)["train"]["step"].tolist() == list(range(20))
