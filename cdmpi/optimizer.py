@@ -72,6 +72,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         device, dtype = kinds.pop()
         if dtype not in (torch.float32, torch.float64):
             raise CdmpiError(f"run.optimizer(): parameters must be float32 or float64, got {dtype}")
+        self._largest = torch.finfo(dtype).max
         self._check_groups()
         self.ranges = []
         lo = 0
@@ -106,12 +107,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     raise CdmpiError(f"run.optimizer(): param group {i} has {key} = {group[key]!r}, group 0 "
                                      f"{first[key]!r}; one algorithm steps the whole vector: only "
                                      f"{', '.join(GROUP_KEYS)} may differ between groups")
-            for key in ("lr", "weight_decay"):
+            for key in ("lr", "weight_decay", "eps"):
                 value = group[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
                         or value == float("inf"):
                     raise CdmpiError(f"run.optimizer(): param group {i} has {key} = {value!r}; it must be a "
                                      f"finite number >= 0")
+                if value > self._largest:  # the update multiplies in the parameters' dtype
+                    raise CdmpiError(f"run.optimizer(): {key} = {value!r} does not fit the parameters' "
+                                     f"{str(self._params[0].dtype).removeprefix('torch.')} (at most "
+                                     f"{self._largest:.4g})")
 
     # ---- what one step hands to the engine -----------------------------------------------------------
 

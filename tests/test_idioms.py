@@ -289,3 +289,11 @@ def test_report_and_plot_use_your_own_eval_columns(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_main(["report", tmp_path, "--target", "accuracy>=x"])
     assert r.returncode == 2 and "--target expects COLUMN<=VALUE or COLUMN>=VALUE" in r.stderr
+
+
+def test_a_step_size_the_parameters_dtype_cannot_hold_is_one_line(capsys):
+    def loop(run):
+        run.optimizer(torch.nn.Linear(3, 1), lr=1e308)  # float32 parameters: at most 3.4e38
+    code, err = launch_error(capsys, loop)
+    assert code == 2 and err.strip() == ("cdmpi: error: run.optimizer(): lr = 1e+308 does not fit the "
+                                         "parameters' float32 (at most 3.403e+38)")
