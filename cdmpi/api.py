@@ -393,14 +393,16 @@ class Run:
                              f"resume it with that loop")
         self._resume_here()
 
-    def _finish_rows(self) -> tuple[int | None, dict | None, dict | None]:
-        """The last row, for the end of the run: the closed one, or what was logged after the last step."""
-        row = self._closed if self._closed is not None else self._open.closed()
-        if row is None:
-            return None, None, None
-        if not self._loop and self._lag == 0:  # values logged after the last step describe its result
-            row.step = self._steps
-        return row.step, row.train, row.eval
+    def _finish_rows(self) -> list[tuple[int, dict | None, dict | None]]:
+        """The rows that go with the end of the run: the last step's, and what was logged after it (in a
+        run.steps() loop, or logged-before-the-step order: the row of x_T, the final parameters)."""
+        rows = [self._closed] if self._closed is not None else []
+        last = self._open.closed()
+        if last is not None:
+            if self._loop or self._lag == 0:
+                last.step = self._steps
+            rows.append(last)
+        return [(row.step, row.train, row.eval) for row in rows]
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
@@ -670,10 +672,11 @@ class _Job:
         if run._resumed is not None:
             run._resume_replayed()
         run._take_due_checkpoint()
-        row, train, evaluation = run._finish_rows()
+        rows = run._finish_rows() or [(run.step, None, None)]
         run._open, run._closed = _Row(run.step), None  # they go with the end (the end's checkpoint holds none)
+        (row, train, evaluation), *later = rows
         self.group.together(run.worker, WorkerStep(None, 0.0, train, evaluation, done=True, checkpoint=True,
-                                                   row=row), self.engine.step)
+                                                   row=row, later=later[0] if later else None), self.engine.step)
 
 
 def _hello(run: Run, error: str | None) -> dict:

@@ -250,10 +250,22 @@ def _checked_config(args, backend: str) -> config.Config:
 
     data.check_available(cfg.data.dataset)
     if args.out is not None:
+        _check_writable_folder(Path(args.out))
         lock.check_free(Path(str(args.out) + ".lock"))
         if Path(args.out).exists() and not (args.overwrite or args.resume):
             raise CdmpiError(f"metrics file {args.out} exists; pass --overwrite or choose another --out")
     return cfg
+
+
+def _check_writable_folder(out: Path) -> None:
+    """The metrics file's folder, or the nearest existing one above it (made on the way), can be written
+    into: asked before torch starts, so that a typo is an answer in seconds."""
+    import os
+
+    folder = out.absolute().parent
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CdmpiError(f"--out {out}: cannot write into {existing or folder}; choose a writable folder")
 
 
 class _TrainJob:

@@ -69,6 +69,15 @@ class WorkerStep:
     skip: bool = False
     amp: bool = False
     nograd: bool = False
+    later: tuple | None = None  # (step, train, eval) of a later row (a loop's end: what it logged after its last step)
+
+    def rows(self, t: int) -> list[tuple[int, dict | None, dict | None]]:
+        """The rows this worker brings to step t: (step, train values, eval values), in step order."""
+        rows = [(t if self.row is None else self.row, self.train, self.eval)]
+        return rows + [self.later] if self.later is not None else rows
+
+    def logs(self, group: str) -> bool:
+        return any((train if group == "train" else ev) is not None for _, train, ev in self.rows(0))
 
 
 class LocalWorker:
@@ -207,7 +216,7 @@ class FaultHooks:
 
 def _finite_metrics(step: WorkerStep) -> bool:
     """Every metric value the worker brings is finite."""
-    for value in (step.train or {}).values():
+    for value in (v for _, train, _ in step.rows(0) for v in (train or {}).values()):
         if isinstance(value, Share):
             if not value.finite():
                 return False
@@ -280,7 +289,8 @@ class Engine:
 
     # ---- set-up ---------------------------------------------------------------------------------------
 
-    def open_metrics(self, out: str | Path, *, overwrite: bool = False, resume_step: int | None = None) -> None:
+    def open_metrics(self, out: str | Path, *, overwrite: bool = False, resume_step: int | None = None,
+                     rows_step: int | None = None) -> None:
         """The server's metrics file: a new one, or (resume_step given) the interrupted run's, continued.
         It is made with every column and end-of-run array the run knows of (see cdmpi.metrics)."""
         if self.log is None:
@@ -300,7 +310,8 @@ class Engine:
                 finals[f"comm/{direction}_nbytes_per_step"] = ((world,), np.float64)
                 finals[f"comm/metrics_{direction}_nbytes_per_logged_step"] = ((world,), np.float64)
         self.log.writer = MetricsWriter(out, self.attrs, flush_every=self.cfg.run.flush_every, overwrite=overwrite,
-                                        resume_step=resume_step, columns=self.columns, finals=finals)
+                                        resume_step=resume_step, rows_step=rows_step, columns=self.columns,
+                                        finals=finals)
 
     def agree_paths(self) -> None:
         """Collective, in set-up: every rank's device and frame path (into the metrics file's attributes),
@@ -390,9 +401,9 @@ class Engine:
         stop = self.stop_requested()
         # Every worker joins the gather another one asks for; a process with nothing to log sends no bytes.
         packed, nbytes = None, 0
-        if any(s.train is not None or s.eval is not None for s in inputs):
-            packed, nbytes = self.transport.pack_objects([(t if s.row is None else s.row, _portable(s.train),
-                                                           _portable(s.eval)) for s in inputs])
+        if any(s.logs("train") or s.logs("eval") for s in inputs):
+            packed, nbytes = self.transport.pack_objects([[(step, _portable(train), _portable(ev))
+                                                           for step, train, ev in s.rows(t)] for s in inputs])
         finite, kept = [], []
         for w, s, frame in zip(self.workers, inputs, self.exchange.upload_frames(t)):
             ok = True
@@ -462,9 +473,9 @@ class Engine:
     def _header(self, t: int, worker: LocalWorker, s: WorkerStep, stop: bool, metrics_nbytes: int,
                 finite: bool) -> Header:
         flags = Flag.NONE
-        if s.train is not None:
+        if s.logs("train"):
             flags |= Flag.LOG
-        if s.eval is not None:
+        if s.logs("eval"):
             flags |= Flag.EVAL
         if s.skip:
             flags |= Flag.SKIP
@@ -502,15 +513,19 @@ class Engine:
         """The workers' metric values of step t (packed before the exchange) to the server, into rows."""
         gathered = self.transport.gather_objects(packed, decision.metrics_nbytes)
         if self.log is not None:
-            row_step = next(step for step, _, _ in gathered)
-            self.rows_from = max(self.rows_from, row_step + 1)
-            if Flag.LOG in decision:
-                row = self.log.record(row_step, "train", [train for _, train, _ in gathered if train is not None])
-                if self._bar is not None:
-                    self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
-                                          grad_norm_sq=f"{row.get('grad_norm_sq', float('nan')):.3g}", refresh=False)
-            if Flag.EVAL in decision:
-                self.log.record(row_step, "eval", [ev for _, _, ev in gathered if ev is not None])
+            rows = [row for worker_rows in gathered for row in worker_rows]  # worker order within a step
+            for row_step in sorted({step for step, _, _ in rows}):
+                self.rows_from = max(self.rows_from, row_step + 1)
+                train = [values for step, values, _ in rows if step == row_step and values is not None]
+                evaluation = [values for step, _, values in rows if step == row_step and values is not None]
+                if train:
+                    row = self.log.record(row_step, "train", train)
+                    if self._bar is not None:
+                        self._bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}",
+                                              grad_norm_sq=f"{row.get('grad_norm_sq', float('nan')):.3g}",
+                                              refresh=False)
+                if evaluation:
+                    self.log.record(row_step, "eval", evaluation)
         self.timer.lap("metrics")
 
     def serve(self) -> dict | None:

@@ -68,10 +68,12 @@ UNITS = {"step": "iterations", "bits_up": "bits", "bits_down": "bits", "wall_tim
 class MetricsWriter:
     """The server's writer of one metrics file. `columns` (group -> {name: dtype}) and `finals` (name ->
     (shape, dtype), the end-of-run arrays) are what the file is made with; `attrs` are its attributes.
-    resume_step: continue the file at that step (rows at and after it are dropped)."""
+    resume_step: continue the file of a run resumed at that step, keeping its rows before rows_step (default:
+    resume_step; rows at and after it are dropped)."""
 
     def __init__(self, path: str | Path, attrs: dict, *, flush_every: int = 50, overwrite: bool = False,
-                 resume_step: int | None = None, columns: dict | None = None, finals: dict | None = None):
+                 resume_step: int | None = None, rows_step: int | None = None, columns: dict | None = None,
+                 finals: dict | None = None):
         self.path = Path(path)
         self.flush_every = flush_every
         self.columns: dict[str, dict] = {g: dict(c) for g, c in (columns or {"train": TRAIN_COLUMNS}).items()}
@@ -88,11 +90,11 @@ class MetricsWriter:
         elif self.path.exists() and not overwrite:
             raise CdmpiError(f"metrics file {self.path} exists; pass --overwrite or choose another --out")
         try:
-            self._make(attrs, source, resume_step)
+            self._make(attrs, source, resume_step, resume_step if rows_step is None else rows_step)
         except OSError as err:
             raise CdmpiError(f"cannot write metrics file {self.path}: {err}") from None
 
-    def _make(self, attrs: dict, source: dict | None, resume_step: int | None) -> None:
+    def _make(self, attrs: dict, source: dict | None, resume_step: int | None, rows_step: int | None) -> None:
         """The complete file, made under a temporary name and put in SWMR mode before it is renamed into
         place: at its path it is never open for plain writing, which readers could not open."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +107,7 @@ class MetricsWriter:
                     fh.attrs[key] = value
                 for group, data in source.items():
                     if isinstance(data, dict) and "step" in data and group != "attrs":
-                        kept = int(np.searchsorted(data["step"], resume_step, side="left"))
+                        kept = int(np.searchsorted(data["step"], rows_step, side="left"))
                         rows[group] = {name: values[:kept] for name, values in data.items()}
                         self.columns.setdefault(group, {}).update(
                             {name: values.dtype.type for name, values in data.items()})

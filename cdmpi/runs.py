@@ -137,8 +137,8 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
                                  f"to continue it or --overwrite to start over")
             checkpoint.remove_all(root)
     if out is not None:
-        engine.open_metrics(out, overwrite=overwrite,
-                            resume_step=None if manifest is None else checkpoint.rows_step(manifest))
+        engine.open_metrics(out, overwrite=overwrite, resume_step=step,
+                            rows_step=None if manifest is None else checkpoint.rows_step(manifest))
 
 
 def _same_job_wrote(out: Path) -> bool:

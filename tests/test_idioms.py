@@ -85,7 +85,8 @@ def test_rows_are_at_their_steps(references):
 
 @pytest.mark.mpi
 def test_the_readme_example_gives_the_same_bits_in_process_and_under_mpiexec_and_resumes(tmp_path):
-    """The README's own-model example, exactly as printed (it writes runs/mine.h5 in its folder)."""
+    """The README's own-model example, exactly as printed (it writes runs/mine.h5 in its folder): in process,
+    and under mpiexec -n 5 and in process stopped by SIGTERM mid-run and resumed."""
     text = (REPO / "README.md").read_text()
     code = re.search(r"## Your own model\n.*?```python\n(.*?)```", text, re.S).group(1)
     steps = int(re.search(r"run\.steps\((\d+)\)", code).group(1))
@@ -104,6 +105,14 @@ def test_the_readme_example_gives_the_same_bits_in_process_and_under_mpiexec_and
     r = run_python([stop / "mine.py"], cwd=stop, ranks=5)  # resume="auto", as printed
     assert r.returncode == 0, r.stderr
     assert_same_run(stop / "runs" / "mine.h5", reference)
+    here = tmp_path / "stopped-in-process"
+    here.mkdir()
+    (here / "mine.py").write_text(code)
+    r = run_python([here / "mine.py"], cwd=here, env=subprocess_env(CDMPI_TEST_SIGTERM_AT=steps // 3))
+    assert r.returncode == EXIT_STOPPED, r.stderr
+    r = run_python([here / "mine.py"], cwd=here)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(here / "runs" / "mine.h5", reference)
 
 
 # ---- what cannot work fails loudly: one line, every worker stops, nothing is lost --------------------------

@@ -70,6 +70,6 @@ def test_train_writes_documented_attributes_and_report(tmp_path, small_config):
     assert as_json["final_grad_norm_sq"] == run["train"]["grad_norm_sq"][-1]
     table = run_main(["report", out])
     assert table.returncode == 0
-    assert re.search(r"^\S+run\.h5\s+cdadam\s+scaled_sign\s+star\s+4\s+30\s", table.stdout, re.M), table.stdout
+    assert re.search(r"^\S+run\.h5\s+cdadam\s+scaled_sign\s+star\s+4\s+0.01\s+30\s", table.stdout, re.M), table.stdout
     bad = run_main(["report", tmp_path / "missing.h5"])
     assert bad.returncode == 2 and "metrics file not found" in bad.stderr
