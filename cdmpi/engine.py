@@ -194,13 +194,22 @@ class FaultHooks:
     """Fault injection for the reliability tests, from environment variables; inert when unset.
     CDMPI_TEST_PERTURB_X=W:T adds 1e-9 to x[0] of worker W at step T (after its gradient).
     CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last).
-    CDMPI_TEST_SIGTERM_AT=T: every process sends itself SIGTERM as step T begins (a stop at a known step)."""
+    CDMPI_TEST_SIGTERM_AT=T: every process sends itself SIGTERM as step T begins (a stop at a known step).
+    CDMPI_TEST_SIGTERM_IN_CHECKPOINT=T: every process sends itself SIGTERM as it writes the checkpoint of
+    step T."""
 
     def __init__(self, environ=os.environ):
         perturb = environ.get("CDMPI_TEST_PERTURB_X", "")
         self.perturb = tuple(int(v) for v in perturb.split(":")) if perturb else None
         self.sleep = float(environ.get("CDMPI_TEST_STEP_SLEEP", "0") or 0)
         self.sigterm_at = int(environ.get("CDMPI_TEST_SIGTERM_AT", "-1") or -1)
+        self.sigterm_in_checkpoint = int(environ.get("CDMPI_TEST_SIGTERM_IN_CHECKPOINT", "-1") or -1)
+
+    def before_checkpoint(self, step: int) -> None:
+        if step == self.sigterm_in_checkpoint:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def before_step(self, t: int, workers: Sequence[LocalWorker]) -> None:
         if t == self.sigterm_at:
@@ -464,6 +473,7 @@ class Engine:
         wanted, stop = self.checkpoint_due
         self.checkpoint_due = None
         if wanted and self.checkpoint_root is not None:
+            self._hooks.before_checkpoint(self.step_count)
             path = checkpoint.save(self, self.step_count, self.checkpoint_root, final=final)
             self.last_checkpoint = path or self.last_checkpoint
             self.timer.lap("checkpoint")

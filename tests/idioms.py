@@ -16,7 +16,7 @@ from torch import nn
 
 import cdmpi
 
-STEPS = 12
+STEPS = 12  # --steps changes it
 IDIOMS = {}
 
 
@@ -227,7 +227,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--every", type=int, default=0, help="checkpoint.every")
+    parser.add_argument("--steps", type=int, default=STEPS, help="the run.steps() loops' length")
     args = parser.parse_args()
+    globals()["STEPS"] = args.steps
     cdmpi.launch(IDIOMS[args.idiom], out=args.out, resume=args.resume, quiet=True,
                  workers=None if cdmpi.launched_by_mpi() else args.workers,
                  settings={"checkpoint.every": args.every})

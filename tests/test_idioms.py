@@ -5,7 +5,9 @@ final parameters of its uninterrupted in-process run, bit for bit; and every row
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import torch
 import cdmpi
 from cdmpi import metrics
 
-from conftest import REPO, run_main, run_python, subprocess_env
+from conftest import REPO, finish, rank_pid, run_main, run_python, start_mpi, subprocess_env, wait_for
 
 IDIOMS = REPO / "tests" / "idioms.py"
 STEPS = 12
@@ -306,3 +308,73 @@ def test_a_step_size_the_parameters_dtype_cannot_hold_is_one_line(capsys):
     code, err = launch_error(capsys, loop)
     assert code == 2 and err.strip() == ("cdmpi: error: run.optimizer(): lr = 1e+308 does not fit the "
                                          "parameters' float32 (at most 3.403e+38)")
+
+
+# ---- SIGTERM, however and whenever it comes, ends in 75 and a checkpoint that resumes bit-exactly ----------
+
+LONG = 300  # steps of the unpaced runs below
+
+
+@pytest.fixture(scope="module")
+def long_references(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("long")
+    runs = {}
+    for name in ("cosine", "trainer"):
+        r = run_python([IDIOMS, name, "--steps", LONG, "--out", folder / f"{name}.h5"])
+        assert r.returncode == 0, r.stderr
+        runs[name] = metrics.read(folder / f"{name}.h5")
+    return runs
+
+
+def signal_and_resume(tmp_path, name, reference, send) -> bool:
+    """Start an unpaced run of idiom `name` under mpiexec -n 3, send(job) once it has written rows, then
+    resume it: True when the signal stopped it (exit 75) and the resumed run is the uninterrupted one;
+    False when the run had finished first."""
+    out = tmp_path / f"{name}.h5"
+    args = [IDIOMS, name, "--steps", LONG, "--out", out]
+    job = start_mpi(args, 3)
+    wait_for(lambda: out.exists() and metrics.read(out)["train"]["step"].size >= 10, job)
+    send(job)
+    rc, err = finish(job, timeout=120)
+    if rc == 0 and f"stopped by SIGTERM" not in err:
+        return False
+    assert rc == EXIT_STOPPED and "stopped by SIGTERM at step" in err, (rc, err)
+    r = run_python([*args, "--resume", "auto"], ranks=3)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, reference)
+    return True
+
+
+SENDERS = {
+    "mpiexec": lambda job: os.kill(job.pid, signal.SIGTERM),
+    "every rank": lambda job: [os.kill(rank_pid(job, rank), signal.SIGTERM) for rank in range(3)],
+    "one worker": lambda job: os.kill(rank_pid(job, 2), signal.SIGTERM),
+    "the server": lambda job: os.kill(rank_pid(job, 0), signal.SIGTERM),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("to", SENDERS)
+def test_sigterm_unpaced_to_any_rank_ends_in_75_and_resumes_bit_exactly(tmp_path, long_references, to):
+    """A loop over run.steps() and a Trainer's loop (which replays), each signalled unpaced."""
+    stopped = [signal_and_resume(tmp_path / f"trial{trial}", name, long_references[name], SENDERS[to])
+               for trial, name in enumerate(["cosine", "trainer"])]
+    assert any(stopped), "the runs finished before the signal arrived: make LONG larger"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["cosine", "trainer"])
+@pytest.mark.parametrize("when", ["checkpoint write", "last step"])
+def test_sigterm_while_a_checkpoint_is_written_or_at_the_last_step(tmp_path, references, name, when):
+    """Every process gets SIGTERM while it writes the periodic checkpoint of step 8, or as the last step
+    begins: the stop's checkpoint follows (exit 75), and the resumed run is the uninterrupted one."""
+    out = tmp_path / "run.h5"
+    env = ({"CDMPI_TEST_SIGTERM_IN_CHECKPOINT": 8} if when == "checkpoint write" else
+           {"CDMPI_TEST_SIGTERM_AT": STEPS - 1})
+    r = run_python([IDIOMS, name, "--every", 4, "--out", out], ranks=3, env=subprocess_env(**env))
+    assert r.returncode == EXIT_STOPPED, r.stderr
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", r.stderr).group(1))
+    assert step == (9 if when == "checkpoint write" else STEPS), r.stderr
+    r = run_python([IDIOMS, name, "--out", out, "--resume", "auto"], ranks=3)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(out, references[name])
