@@ -378,3 +378,19 @@ def test_sigterm_while_a_checkpoint_is_written_or_at_the_last_step(tmp_path, ref
     r = run_python([IDIOMS, name, "--out", out, "--resume", "auto"], ranks=3)
     assert r.returncode == 0, r.stderr
     assert_same_run(out, references[name])
+
+
+def test_the_optimizer_state_goes_through_torchs_state_dict_hooks():
+    seen = []
+
+    def loop(run):
+        model = torch.nn.Linear(3, 1)
+        opt = run.optimizer(model, lr=0.01)
+        opt.register_state_dict_post_hook(lambda optimizer, state: seen.append(sorted(state["state"][0])))
+        for _ in run.steps(2):
+            step_once(model, opt)
+        assert opt.defaults["betas"] == (0.9, 0.99) and opt.param_groups[0]["decoupled_weight_decay"] is False
+        return opt.state_dict()["state"][0]["step"]
+
+    assert cdmpi.launch(loop, workers=2, quiet=True) == [2, 2]
+    assert seen == [["algorithm", "d", "step"]] * 2
