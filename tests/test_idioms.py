@@ -106,6 +106,7 @@ def test_the_readme_example_gives_the_same_bits_in_process_and_under_mpiexec_and
     assert r.returncode == EXIT_STOPPED, r.stderr
     r = run_python([stop / "mine.py"], cwd=stop, ranks=5)  # resume="auto", as printed
     assert r.returncode == 0, r.stderr
+    assert not re.search(r"ucx|mpool|warning", r.stderr, re.I), r.stderr  # a clean run says nothing amiss
     assert_same_run(stop / "runs" / "mine.h5", reference)
     here = tmp_path / "stopped-in-process"
     here.mkdir()
