@@ -738,6 +738,7 @@ def launch(fn: Callable[[Run], object], *, out: str | Path | None = None, worker
         if not runs.agreed(partial(_prepare, prepared, transport, settings, out, workers), transport, rank):
             raise SystemExit(EXIT_BAD_INPUT)
         transport = prepared["transport"]
+        transport.watch(prepared["cfg"].comm.timeout, setting_up=True)  # no rank waits unwatched from here
         if not transport.worker_indices:  # the MPI server
             group = None
         elif transport.is_server:  # in process

@@ -212,6 +212,11 @@ def cmd_train(args, stop: StopOnSigterm) -> int:
                   f"mpi4py against your MPI", file=sys.stderr)
             return EXIT_BAD_INPUT
     rank = transport.rank if transport is not None else 0
+    if transport is not None:  # from here on no rank waits for a stalled one unwatched
+        from .engine import FaultHooks
+
+        transport.watch(cfg.comm.timeout, setting_up=True)
+        FaultHooks.stop_in_setup(rank)
     logger = log.setup(rank, verbose=not args.quiet)
     job = _TrainJob(args, cfg, transport)
     for phase in (job.prepare, job.build, job.start):

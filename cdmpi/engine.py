@@ -196,7 +196,15 @@ class FaultHooks:
     CDMPI_TEST_STEP_SLEEP=S sleeps S seconds per step on every worker (to make runs last).
     CDMPI_TEST_SIGTERM_AT=T: every process sends itself SIGTERM as step T begins (a stop at a known step).
     CDMPI_TEST_SIGTERM_IN_CHECKPOINT=T: every process sends itself SIGTERM as it writes the checkpoint of
-    step T."""
+    step T.
+    CDMPI_TEST_STOP_IN_SETUP=R: rank R stops itself (SIGSTOP) as the set-up begins (see stop_in_setup)."""
+
+    @staticmethod
+    def stop_in_setup(rank: int, environ=os.environ) -> None:
+        if environ.get("CDMPI_TEST_STOP_IN_SETUP", "") == str(rank):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def __init__(self, environ=os.environ):
         perturb = environ.get("CDMPI_TEST_PERTURB_X", "")
@@ -372,6 +380,8 @@ class Engine:
 
     def _begin(self) -> None:
         self._begun = True
+        if getattr(self.transport, "activity", "computing") == "setting up":
+            self.transport.activity = "computing"  # the set-up is over: a rank outside collectives steps
         if self.log is not None and self.progress_total is not None:
             if sys.stderr.isatty():
                 from tqdm import tqdm

@@ -90,7 +90,7 @@ class Transport(Protocol):
     def collect(self, obj) -> list | None: ...
     def agree(self, error: str | None) -> tuple[int, str] | None: ...
     def traffic(self) -> tuple[int, int, int, int] | None: ...
-    def watch(self, timeout: float) -> None: ...
+    def watch(self, timeout: float, *, setting_up: bool = False) -> None: ...
     def close(self) -> None: ...
     def abort(self, code: int = 1) -> None: ...
 
@@ -168,7 +168,7 @@ class LocalTransport:
     def traffic(self) -> None:
         return None  # nothing crosses a link
 
-    def watch(self, timeout: float) -> None:
+    def watch(self, timeout: float, *, setting_up: bool = False) -> None:
         pass  # one process: nothing to wait for
 
     def close(self) -> None:
@@ -263,11 +263,17 @@ class MPITransport:
 
         threading.Thread(target=watch, name="cdmpi-sigint", daemon=True).start()
 
-    def watch(self, timeout: float) -> None:
+    def watch(self, timeout: float, *, setting_up: bool = False) -> None:
         """comm.timeout: a watchdog ends the job when this rank waits longer than `timeout` seconds in one
-        of a step's collectives (0: no watchdog). Needs MPI_THREAD_MULTIPLE, which mpi4py asks for."""
+        of the run's collectives (0: no watchdog). Needs MPI_THREAD_MULTIPLE, which mpi4py asks for.
+        setting_up: from the start of the set-up, where a rank busy loading data is alive, not stalled (a
+        stopped one does not answer)."""
+        if setting_up:
+            self.activity = "setting up"
         if timeout > 0 and self.watchdog is None and self._mpi.Query_thread() == self._mpi.THREAD_MULTIPLE:
             self.watchdog = Watchdog(self, timeout)
+        elif self.watchdog is not None and timeout > 0:
+            self.watchdog.timeout = timeout
 
     def close(self) -> None:
         if self.watchdog is not None:
@@ -567,6 +573,7 @@ class Watchdog:
     rank 0 itself, and names it. So comm.timeout must exceed the longest step and checkpoint write."""
 
     QUERY, ANSWER = 7001, 7002
+    BUSY = ("replaying", "setting up")  # outside collectives for long, and alive
     ANSWER_S = 3.0
     GRACE_S = 6.0
 
@@ -626,19 +633,21 @@ class Watchdog:
                 self._end(answers, waited)
             elif not self.transport.is_server and waited > self.timeout + self.GRACE_S:
                 answers = self._ask([0])
-                if answers[0] is not None and answers[0]["state"].startswith("waiting"):
+                if answers[0] is not None and (answers[0]["state"].startswith("waiting")
+                                               or answers[0]["state"] in self.BUSY):
                     self._since = time.monotonic()  # rank 0 waits too, and watches every rank
                     continue
                 self._end(answers, waited)
         request.Cancel()
 
     def _alive(self, answers: dict[int, dict | None]) -> bool:
-        """Every rank answered, and the ones not waiting in a collective replay a resumed loop's steps (which
-        talk to no one; cdmpi.api). Then the wait goes on, watched afresh."""
+        """Every rank answered, and the ones not waiting in a collective are BUSY: setting up (loading data),
+        or replaying a resumed loop's steps (which talk to no one; cdmpi.api). Then the wait goes on,
+        watched afresh."""
         if any(a is None for a in answers.values()):
             return False
         states = [a["state"] for a in answers.values()]
-        if "replaying" in states and "computing" not in states:
+        if any(state in self.BUSY for state in states) and "computing" not in states:
             if self._since is not None:
                 self._since = time.monotonic()
             return True

@@ -273,6 +273,19 @@ def test_a_stopped_worker_ends_the_job_naming_it(tmp_path, cfg_path):
     assert found, err
 
 
+@pytest.mark.mpi
+def test_a_worker_stopped_in_the_set_up_ends_the_job_naming_it(tmp_path, cfg_path):
+    """SIGSTOP before the engine exists (rank 2 stops itself as the set-up begins): the watchdog runs from
+    there, so the others do not wait for it for ever."""
+    out = tmp_path / "run.h5"
+    job = start_mpi_job(["train", cfg_path, "--out", out, "--quiet", "--set", "comm.timeout=5"],
+                        CDMPI_TEST_STOP_IN_SETUP=2)
+    rc, err = finish(job, timeout=120)  # a hang fails here; the watchdog acts after 5 s
+    assert rc != 0
+    assert re.search(r"cdmpi: error: no progress for \d+ s at step 0 \(comm.timeout = 5 s; rank 0 waits in "
+                     r"\w+\): rank 2 did not answer \(stopped or hung\)", err), err
+
+
 # ---- bad numbers are bad input ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
