@@ -565,8 +565,9 @@ _NOT_WATCHED = _NotWatched()
 
 class Watchdog:
     """comm.timeout: no silent stall. A thread on every rank notes when the rank enters and leaves a
-    collective (two attribute writes; the thread wakes every 0.1 s), from the moment the run's engine is
-    built (so data loading is not watched). When rank 0 has waited `timeout` seconds in one, its thread
+    collective (two attribute writes; the thread wakes every 0.1 s), from the start of the set-up (where a
+    rank loading data answers that it is setting up, and is waited for). When rank 0 has waited `timeout`
+    seconds in one, its thread
     asks every rank, on a channel of its own, where it is; ranks that do not answer within ANSWER_S
     (stopped, or frozen) and ranks busy outside a collective (computing, writing a checkpoint) are named,
     and the job is aborted. A worker that has waited `timeout` + GRACE_S seconds without rank 0 acting asks
