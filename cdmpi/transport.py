@@ -567,8 +567,8 @@ class Watchdog:
     """comm.timeout: no silent stall. A thread on every rank notes when the rank enters and leaves a
     collective (two attribute writes; the thread wakes every 0.1 s), from the start of the set-up (where a
     rank loading data answers that it is setting up, and is waited for). When rank 0 has waited `timeout`
-    seconds in one, its thread
-    asks every rank, on a channel of its own, where it is; ranks that do not answer within ANSWER_S
+    seconds in one, its thread asks every rank, on a channel of its own, where it is; ranks that do not
+    answer within ANSWER_S
     (stopped, or frozen) and ranks busy outside a collective (computing, writing a checkpoint) are named,
     and the job is aborted. A worker that has waited `timeout` + GRACE_S seconds without rank 0 acting asks
     rank 0 itself, and names it. So comm.timeout must exceed the longest step and checkpoint write."""
