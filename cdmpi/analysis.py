@@ -24,7 +24,8 @@ def summarize(path, target: tuple[str, str, float] | None = None) -> dict:
     else:
         final_loss = float(train["loss"][-1])
         final_g = float(train["grad_norm_sq"][-1])
-        min_g = float(np.min(train["grad_norm_sq"]))
+        g = train["grad_norm_sq"]
+        min_g = float(np.nanmin(g)) if np.isfinite(g).any() else float("nan")  # NaN: a skipped fp16 step
         step = int(train["step"][-1])
         bits_up, bits_down = int(train["bits_up"][-1]), int(train["bits_down"][-1])
     final_step = run.get("final", {}).get("steps")  # a user's loop logs row t before step t: rows end at T - 1

@@ -198,8 +198,8 @@ class Run:
     resumes by replaying its first steps without training (every optimizer.step() returns at once and
     nothing travels), up to the optimizer.step() where the checkpoint was taken; there cdmpi puts back the
     state and the loop goes on. Its rows: values logged between two optimizer.step() calls belong to the
-    step before them when the loop's first step came before its first logged value (logging after
-    optimizer.step()), else to the step after them."""
+    step before them when the loop's first step came before its first run.log() (logging after
+    optimizer.step()), else to the step after them; values logged before the first step, to step 0."""
 
     def __init__(self, job: "_Job", index: int):
         self._job = job
@@ -353,7 +353,9 @@ class Run:
             self._open.grad_norm_sq = norm_sq
         else:
             if self._lag is None:  # the loop's first step decides which step its values describe
-                self._lag = 0 if self._open.logged() else 1
+                self._lag = 0 if self._open.train is not None else 1
+            if self._open.step is None:  # what was logged before the first step describes x_0
+                self._open.step = t
             if self._lag == 0:  # values logged since the last step describe this one
                 self._open.step, self._open.grad_norm_sq = t, norm_sq
                 send, self._open = self._open.closed(), _Row(t + 1)
@@ -380,7 +382,7 @@ class Run:
         self._replay -= 1
         self._steps += 1
         if self._lag is None:
-            self._lag = 0 if self._open.logged() else 1
+            self._lag = 0 if self._open.train is not None else 1
         self._open = _Row(self._steps)  # what the replayed steps log is not kept
         if not self._replay:
             self._job.transport.activity = "computing"

@@ -357,6 +357,10 @@ def cmd_report(args) -> int:
         for warning in analysis.best_warnings(rows):
             print(f"cdmpi: warning: {warning}", file=sys.stderr)
         rows, columns = analysis.best(rows, by), analysis.BEST_COLUMNS
+        if by is not None:  # the value each run was ranked by
+            for row in rows:
+                row[by[0]] = row["last"].get(f"train/{by[0]}", row["last"].get(f"eval/{by[0]}"))
+            columns = [*columns[:-1], (by[0], "{:.6g}"), columns[-1]]
     if target is not None:
         columns = columns + analysis.TARGET_COLUMNS
     print(analysis.to_json(rows) if args.json else analysis.format_table(rows, columns))

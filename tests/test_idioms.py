@@ -395,3 +395,24 @@ def test_the_optimizer_state_goes_through_torchs_state_dict_hooks():
 
     assert cdmpi.launch(loop, workers=2, quiet=True) == [2, 2]
     assert seen == [["algorithm", "d", "step"]] * 2
+
+
+def test_an_evaluation_before_the_first_step_does_not_shift_a_log_after_step_loop(tmp_path):
+    """A loop without run.steps() that evaluates at the start of each epoch and logs the loss after
+    opt.step(): the rows are 0..T-1, each with its own step's loss, and the evaluations at their steps."""
+    def loop(run):
+        model = torch.nn.Linear(3, 1)
+        opt = run.optimizer(model, lr=0.01)
+        for epoch in range(2):
+            run.log_eval(epoch=epoch)
+            for batch in range(3):
+                model(torch.ones(2, 3)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                run.log(loss=float(3 * epoch + batch))
+
+    cdmpi.launch(loop, workers=2, out=tmp_path / "run.h5", quiet=True)
+    run = metrics.read(tmp_path / "run.h5")
+    assert run["train"]["step"].tolist() == list(range(6)) and run["train"]["loss"].tolist() == list(range(6))
+    assert np.isfinite(run["train"]["grad_norm_sq"]).all()
+    assert run["eval"]["step"].tolist() == [0, 2]  # the second: logged after step 2's optimizer.step()
