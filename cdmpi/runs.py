@@ -134,7 +134,8 @@ def _continue_or_start(engine, out, root, manifest, resume, overwrite, warn) -> 
                                  f"--overwrite to start over without them")
             if not overwrite:
                 raise CdmpiError(f"checkpoints of an earlier run exist in {root}; pass --resume auto "
-                                 f"to continue it or --overwrite to start over")
+                                 f"to continue it or --overwrite to start over (cdmpi.launch: resume='auto' "
+                                 f"or overwrite=True)")
             checkpoint.remove_all(root)
     if out is not None:
         engine.open_metrics(out, overwrite=overwrite, resume_step=step,
@@ -205,7 +206,7 @@ def exit_status(err: BaseException, transport, rank: int) -> int:
         return EXIT_BAD_INPUT
     if isinstance(err, RunStopped):
         if rank == 0:
-            print(f"cdmpi: {err}; continue with --resume auto", file=sys.stderr)
+            print(f"cdmpi: {err}; continue with --resume auto (cdmpi.launch: resume='auto')", file=sys.stderr)
         return EXIT_STOPPED
     if isinstance(err, AgreedError):  # every rank raised it at the same step: no abort needed
         if rank == 0:
