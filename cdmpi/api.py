@@ -347,19 +347,18 @@ class Run:
         opt.add_coupled_decay()
         grad = opt.flat_grad
         t = self._steps
-        norm_sq = None if found_inf else float(torch.dot(grad, grad))
+        norm_sq = None if found_inf else torch.dot(grad, grad)  # read (a host sync) only for a logged row
         if self._loop:
             send, self._closed = self._closed, None  # the last body's row
             self._open.grad_norm_sq = norm_sq
         else:
-            if self._lag is None:  # the loop's first step decides which step its values describe
-                self._lag = 0 if self._open.train is not None else 1
-            if self._open.step is None:  # what was logged before the first step describes x_0
-                self._open.step = t
+            self._decide_lag()
             if self._lag == 0:  # values logged since the last step describe this one
                 self._open.step, self._open.grad_norm_sq = t, norm_sq
                 send, self._open = self._open.closed(), _Row(t + 1)
-            else:  # they describe the last one; this step's row is logged from now on
+            else:  # they describe the last one (before the first step: x_0); this step's row opens now
+                if self._open.step is None:
+                    self._open.step = t
                 send, self._open = self._open.closed(), _Row(t)
                 self._open.grad_norm_sq = norm_sq
         item = WorkerStep(grad, opt.step_size(), send.train if send else None, send.eval if send else None,
@@ -371,6 +370,12 @@ class Run:
             for found in grad_scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values():
                 found.fill_(1.0)
 
+    def _decide_lag(self) -> None:
+        """The loop's first step decides which step its values describe: logged (run.log) before it, the
+        next step's; else the last one's."""
+        if self._lag is None:
+            self._lag = 0 if self._open.train is not None else 1
+
     @property
     def replaying(self) -> bool:
         """True while a resumed loop replays the steps before its checkpoint's (optimizer.step() returns at
@@ -381,8 +386,7 @@ class Run:
         """A step before the resumed checkpoint's: nothing is computed or sent."""
         self._replay -= 1
         self._steps += 1
-        if self._lag is None:
-            self._lag = 0 if self._open.train is not None else 1
+        self._decide_lag()
         self._open = _Row(self._steps)  # what the replayed steps log is not kept
         if not self._replay:
             self._job.transport.activity = "computing"
@@ -425,11 +429,7 @@ class Run:
         self._resumed = state
         if state.get("boundary") == "loop":
             self._steps = int(state["step"])
-            self._put_module(state["module"])
-            self._restored = dict(state["user"])
-            for key in list(self._state):
-                self._restore(key)
-            self._optimizer.load_hyper_parameters(state["param_groups"])
+            self._put_back(state)
         else:
             self._replay = int(state["step"])
             if self._replay:
@@ -442,22 +442,23 @@ class Run:
         """Where the resumed loop takes over: the state of the checkpoint comes back. (A replayed loop drew
         the same random numbers as the run it resumes: its generators are where the checkpoint's were.)"""
         state, self._resumed = self._resumed, None
-        self._put_module(state["module"])
+        self._put_back(state)
         if state["boundary"] == "loop":
             set_random_state(state["random"])  # this worker's thread holds the global generators now
-        self._restored = dict(state["user"])
-        for key in list(self._state):
-            self._restore(key)
-        self._optimizer.load_hyper_parameters(state["param_groups"])
         self._steps, self._lag = int(state["step"]), state["lag"]
         self._open = _Row.from_state(state["open"])
         self._closed = _Row.from_state(state["closed"]) if state["closed"] is not None else None
 
-    def _put_module(self, saved: dict) -> None:
+    def _put_back(self, state: dict) -> None:
+        """The module's frozen parameters and buffers, run.state() and the hyper-parameters of a checkpoint."""
         own = _module_state(self.model, self._optimizer)
         with torch.no_grad():
-            for name, value in saved.items():
+            for name, value in state["module"].items():
                 own[name].copy_(value)
+        self._restored = dict(state["user"])
+        for key in list(self._state):
+            self._restore(key)
+        self._optimizer.load_hyper_parameters(state["param_groups"])
 
     def _user_state(self) -> dict:
         user = {k: _saved(v) for k, v in self._state.items()}
@@ -495,12 +496,13 @@ class _Row:
         if not self.logged():
             return None
         if self.train is not None and self.grad_norm_sq is not None:
-            self.train = {**self.train, "grad_norm_sq": self.grad_norm_sq}
+            self.train = {**self.train, "grad_norm_sq": float(self.grad_norm_sq)}
             self.grad_norm_sq = None
         return self
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "train": self.train, "eval": self.eval, "grad_norm_sq": self.grad_norm_sq}
+        norm_sq = None if self.grad_norm_sq is None else float(self.grad_norm_sq)
+        return {"step": self.step, "train": self.train, "eval": self.eval, "grad_norm_sq": norm_sq}
 
     @classmethod
     def from_state(cls, state: dict) -> "_Row":

@@ -248,15 +248,6 @@ def _finite_metrics(step: WorkerStep) -> bool:
     return True
 
 
-def _clone(state):
-    """A copy of an algorithm's state_dict (tensors cloned), to put back."""
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, dict):
-        return {k: _clone(v) for k, v in state.items()}
-    return state
-
-
 def _portable(values: dict | None) -> dict | None:
     """Metric values as they travel to the server: tensors become host NumPy arrays (or floats)."""
     if values is None:
@@ -427,7 +418,7 @@ class Engine:
         for w, s, frame in zip(self.workers, inputs, self.exchange.upload_frames(t)):
             ok = True
             # under loss scaling another worker's overflow may skip this step: its encode must be undone
-            kept.append(_clone(w.algorithm.state_dict()) if s.amp and not s.skip else None)
+            kept.append(w.algorithm.state_dict() if s.amp and not s.skip else None)  # state_dict() copies
             if not s.done and not s.skip:
                 ok = w.algorithm.encode(s.grad, frame)
                 if ok is None:  # the encoder cannot tell on its way through the gradient
