@@ -26,27 +26,29 @@ class RunConfig:
     threads: int = 1  # torch threads per rank; ranks usually share cores
     deterministic: bool = True  # CUDA: deterministic cuDNN kernels (MPI and in-process runs then match bit for bit)
     epochs: int = 0  # > 0 (image problems): run.steps = epochs * steps per epoch, which the shards decide
+    eval_every: int = 0  # classifier, sequence: steps between test-set evaluations (0: after every epoch)
     progress_every: float = 10.0  # seconds between progress lines on rank 0 when stderr is not a terminal (0: none)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthetic"  # phishing | mushrooms | a9a | w8a | synthetic | path to a LibSVM file
+    dataset: str = "synthetic"  # phishing | mushrooms | a9a | w8a | synthetic | path to a LibSVM file; classifier: digits | cifar10 | synthetic_images; sequence: addition
     n_features: int = 0  # 0: the largest feature index in the file
     batch_size: int = 0  # tau; 0: full local gradient
     samples: int = 2000  # synthetic only
     features: int = 50  # synthetic only
     augment: bool = True  # images: random crop with 4-pixel padding and horizontal flip on training batches
     image_size: int = 32  # synthetic_images only: height = width
-    test_samples: int = 200  # synthetic_images only: size of the test set
+    test_samples: int = 200  # synthetic_images and addition: size of the test set
+    digits: int = 2  # addition only: digits of each operand (1 to 3)
 
 
 @dataclass(frozen=True)
 class ProblemConfig:
-    name: str = "logreg"  # logreg | classifier (networks on images) | quadratic (a cheap objective for benchmarks at large d)
+    name: str = "logreg"  # logreg | classifier (networks on images) | sequence (a GPT on a sequence task) | quadratic (a cheap objective for benchmarks at large d)
     reg: float = 0.1  # lambda of the nonconvex regulariser
     init_scale: float = 0.0  # x_1 = init_scale * N(0, I), seeded by run.seed
-    model: str = "resnet18"  # classifier: resnet18 | vgg16 | wrn16_4 | small_cnn (cdmpi.nets.NETWORKS)
+    model: str = "resnet18"  # classifier: resnet18 | vgg16 | wrn16_4 | small_cnn; sequence: gpt_nano | gpt_micro
     dim: int = 1000  # quadratic only: d of the benchmark objective (1/n) sum_i 0.5 ||x - c_i||^2
 
 
@@ -68,6 +70,8 @@ class CompressConfig:
     name: str = "auto"  # scaled_sign | topk | randk | identity | auto (the algorithm's default compressor)
     ratio: float = 0.016  # topk/randk: k = max(1, round(ratio * d)) unless k > 0
     k: int = 0  # topk/randk: k itself (0: from ratio)
+    block: int = 0  # scaled_sign/two_level_sign: one set of scales per block of this many coordinates (0: one for the vector)
+    warmup_steps: int = 0  # cdadam, ef21: the first steps send fp32 frames both ways, then the compressor's
 
 
 @dataclass(frozen=True)
@@ -118,26 +122,31 @@ class Config:
         values = self.to_dict()
         problem, dataset = self.problem.name, self.data.dataset
         drop = {"problem": {"logreg": {"model", "dim"}, "classifier": {"reg", "init_scale", "dim"},
+                            "sequence": {"reg", "init_scale", "dim"},
                             "quadratic": {"reg", "init_scale", "model"}}.get(problem, {"reg", "init_scale", "model", "dim"}),
                 "data": set(),
-                "run": set() if problem == "classifier" else {"epochs"}}
+                "run": set() if problem in ("classifier", "sequence") else {"epochs", "eval_every"}}
         if problem == "logreg":
-            drop["data"] = {"augment", "image_size", "test_samples"} | (set() if dataset == "synthetic" else
-                                                                        {"samples", "features"})
+            drop["data"] = {"augment", "image_size", "test_samples", "digits"} | (
+                set() if dataset == "synthetic" else {"samples", "features"})
         elif problem == "classifier":
-            drop["data"] = {"n_features", "features"} | (set() if dataset == "synthetic_images" else
-                                                         {"samples", "image_size", "test_samples"})
+            drop["data"] = {"n_features", "features", "digits"} | (set() if dataset == "synthetic_images" else
+                                                                   {"samples", "image_size", "test_samples"})
+        elif problem == "sequence":
+            drop["data"] = {"n_features", "features", "samples", "augment", "image_size"}
         else:  # quadratic and your own model: no data
             drop["data"] = set(values["data"])
-        if problem not in ("classifier", "own_model"):
+        if problem not in ("classifier", "sequence", "own_model"):
             drop["optim"] = {"weight_decay", "lr_milestones", "lr_gamma"}
         elif problem == "own_model":
             drop["optim"] = {"lr_milestones", "lr_gamma"}
-            drop["run"] |= {"steps", "log_every", "epochs"}
+            drop["run"] |= {"steps", "log_every", "epochs", "eval_every"}
         if self.optim.algorithm != "onebit-adam":
             drop.setdefault("optim", set()).add("warmup_steps")
-        if catalog.compressor_for(self.optim.algorithm, self.compress.name) not in ("topk", "randk"):
-            drop["compress"] = {"ratio", "k"}
+        compressor = catalog.compressor_for(self.optim.algorithm, self.compress.name)
+        drop["compress"] = ({"ratio", "k"} if compressor not in ("topk", "randk") else set()) | (
+            {"block"} if compressor not in catalog.BLOCKED else set()) | (
+            {"warmup_steps"} if self.optim.algorithm not in catalog.MARKOV else set())
         return {section: {k: v for k, v in table.items() if k not in drop.get(section, set())}
                 for section, table in values.items() if table and set(table) - drop.get(section, set())}
 
@@ -171,6 +180,8 @@ def _check_choices(cfg: Config) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
         raise CdmpiError(f"config: checkpoint.every and checkpoint.keep must be >= 0, got "
                          f"{cfg.checkpoint.every!r} and {cfg.checkpoint.keep!r}")
+    if cfg.run.eval_every < 0:
+        raise CdmpiError(f"config: run.eval_every must be >= 0 (0: after every epoch), got {cfg.run.eval_every!r}")
     if cfg.run.epochs < 0 or cfg.optim.weight_decay < 0 or not 0.0 < cfg.optim.lr_gamma <= 1.0:
         raise CdmpiError(f"config: run.epochs and optim.weight_decay must be >= 0 and optim.lr_gamma in (0, 1]; "
                          f"got {cfg.run.epochs!r}, {cfg.optim.weight_decay!r}, {cfg.optim.lr_gamma!r}")
@@ -196,6 +207,17 @@ def _check_choices(cfg: Config) -> None:
     if cfg.optim.warmup_steps < 0:
         raise CdmpiError(f"config: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps!r}")
     catalog.check(cfg.optim.algorithm, cfg.compress.name)
+    if cfg.compress.block < 0 or cfg.compress.warmup_steps < 0:
+        raise CdmpiError(f"config: compress.block and compress.warmup_steps must be >= 0, got "
+                         f"{cfg.compress.block!r} and {cfg.compress.warmup_steps!r}")
+    compressor = catalog.compressor_for(cfg.optim.algorithm, cfg.compress.name)
+    if cfg.compress.block and compressor not in catalog.BLOCKED:
+        raise CdmpiError(f"config: compress.block applies to {' and '.join(catalog.BLOCKED)}, and this run "
+                         f"compresses with {compressor}")
+    if cfg.compress.warmup_steps and cfg.optim.algorithm not in catalog.MARKOV:
+        raise CdmpiError(f"config: compress.warmup_steps applies to {' and '.join(catalog.MARKOV)}"
+                         + (" (onebit-adam's warm-up is optim.warmup_steps)" if cfg.optim.algorithm == "onebit-adam"
+                            else f", not {cfg.optim.algorithm}"))
     if not 0.0 < cfg.compress.ratio <= 1.0:
         raise CdmpiError(f"config: compress.ratio must be in (0, 1], got {cfg.compress.ratio!r}")
 

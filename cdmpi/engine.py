@@ -294,6 +294,8 @@ class Engine:
         self.defer_checkpoints = False  # a user's loop takes a step's checkpoint where its loop body ends
         self.checkpoint_due: tuple[bool, bool] | None = None  # (write one, then stop) after the last step
         self.rows_from = 0  # the first step whose row may still come (a user's loop sends a row one step late)
+        # observe(t, inputs) after each step's update: measurements of a study (results/transformer/diagnose.py)
+        self.observers: list[Callable[[int, Sequence[WorkerStep]], None]] = []
 
     # ---- set-up ---------------------------------------------------------------------------------------
 
@@ -439,6 +441,8 @@ class Engine:
             for w, s in zip(self.workers, inputs):
                 w.algorithm.update(w.params, down, s.lr)
             timer.lap("update")
+            for observe in self.observers:
+                observe(t, inputs)
         if decision.flags & (Flag.LOG | Flag.EVAL):
             self._record(t, decision, packed)
             self._logged_steps += 1
@@ -658,7 +662,8 @@ def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[in
     compressor = algorithms.compressor_for(cfg.optim.algorithm, cfg.compress.name)
     algorithm = algorithms.get(cfg.optim.algorithm, compressor)
     setting = algorithms.make_setting(compressor, d, n, cfg.optim, dtype, cfg.run.seed, topology=cfg.comm.topology,
-                                      ratio=cfg.compress.ratio, k=cfg.compress.k)
+                                      ratio=cfg.compress.ratio, k=cfg.compress.k, block=cfg.compress.block,
+                                      warmup=cfg.compress.warmup_steps)
     exchange = FrameExchange(transport, algorithm, setting, topology=cfg.comm.topology, frame_device=frame_device,
                              server_device=server_device, worker_device=worker_device,
                              n_local=len(transport.worker_indices), timer=PhaseTimer())
@@ -672,7 +677,7 @@ def build(cfg: Config, transport, *, d: int, dtype: torch.dtype, params: dict[in
              "problem": description, "up_frame_nbytes": up.frame_nbytes, "down_frame_nbytes": down.frame_nbytes}
     first_up, first_down = exchange.frames(0)
     if (first_up.frame_nbytes, first_down.frame_nbytes) != (up.frame_nbytes, down.frame_nbytes):
-        # onebit-adam's fp32 warm-up frames come first; up/down_frame_nbytes are the frames after it
+        # a warm-up's fp32 frames come first; up/down_frame_nbytes are the frames after it
         attrs.update(warmup_up_frame_nbytes=first_up.frame_nbytes, warmup_down_frame_nbytes=first_down.frame_nbytes)
     return Engine(cfg, transport, exchange, workers, d=d, reduce=reduce, attrs=attrs, description=description)
 
@@ -693,11 +698,12 @@ class Schedule:
     log_every: int
     steps_per_epoch: int = 0  # 0: no epochs, no evaluation
     lr: Callable[[int], float] = lambda step: 0.0
+    eval_every: int = 0  # steps between test-set evaluations (0: one per epoch)
 
     def is_eval(self, step: int) -> bool:
-        """Test-set evaluation: at the start, after every epoch, and after the last step."""
-        spe = self.steps_per_epoch
-        return bool(spe) and (step % spe == 0 or step == self.steps)
+        """Test-set evaluation: at the start, after every epoch (or eval_every steps), and after the last step."""
+        every = self.eval_every or self.steps_per_epoch
+        return bool(self.steps_per_epoch) and (step % every == 0 or step == self.steps)
 
 
 def run_problem(engine: Engine, drivers: Sequence[ProblemDriver], schedule: Schedule) -> dict | None:

@@ -1,4 +1,4 @@
-"""`cdmpi train`: the built-in problems (logreg, classifier, quadratic) as users of the engine."""
+"""`cdmpi train`: the built-in problems (logreg, classifier, sequence, quadratic) as users of the engine."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def build(cfg: Config, transport, *, out: str | Path | None = None, overwrite: b
     built = problems.build(cfg, transport.n_workers, transport.worker_indices, dtype, worker_device)
     if cfg.run.epochs:
         if not built.steps_per_epoch:
-            raise CdmpiError(f"run.epochs needs a problem with epochs (classifier); {cfg.problem.name!r} has none")
+            raise CdmpiError(f"run.epochs needs a problem with epochs (classifier, sequence); {cfg.problem.name!r} has none")
         cfg = replace(cfg, "run", steps=cfg.run.epochs * built.steps_per_epoch)
     drivers = {i: ProblemWorker(built.shards[i], cfg.data.batch_size, cfg.run.seed, i, built.steps_per_epoch)
                for i in transport.worker_indices}
@@ -62,10 +62,10 @@ def build(cfg: Config, transport, *, out: str | Path | None = None, overwrite: b
     if built.data_sha256:
         engine.attrs.update(data_path=str(built.data_path), data_sha256=built.data_sha256)
     engine.columns["train"].update(dict.fromkeys(built.train_columns, np.float64))
-    if built.steps_per_epoch:  # the classifier's evaluations
+    if built.steps_per_epoch:  # the test-set evaluations
         engine.columns["eval"] = {**EVAL_COLUMNS, "epoch": np.float64, "loss": np.float64, "accuracy": np.float64}
     schedule = Schedule(cfg.run.steps, cfg.run.log_every, built.steps_per_epoch,
-                        partial(lr_at, cfg=cfg, steps_per_epoch=built.steps_per_epoch))
+                        partial(lr_at, cfg=cfg, steps_per_epoch=built.steps_per_epoch), cfg.run.eval_every)
     if out is not None:
         runs.start(engine, out, overwrite=overwrite, checkpoints=checkpoints)
     return Training(cfg, engine, [drivers[i] for i in transport.worker_indices], schedule)

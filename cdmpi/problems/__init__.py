@@ -13,6 +13,7 @@ from ..errors import CdmpiError
 from .classifier import ImageShard
 from .logreg import LogRegShard
 from .quadratic import QuadraticShard
+from .sequence import SequenceShard
 
 
 @dataclass
@@ -111,6 +112,37 @@ def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> B
                  steps_per_epoch=smallest // cfg.data.batch_size)
 
 
+def _sequence(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
+    from .. import sequences
+    from ..nets import gpt
+
+    if cfg.problem.model not in gpt.SHAPES:
+        raise CdmpiError(f"unknown model {cfg.problem.model!r} for the sequence problem; choose one of "
+                         f"{', '.join(gpt.SHAPES)}")
+    if cfg.data.batch_size < 1:
+        raise CdmpiError("the sequence problem needs data.batch_size >= 1")
+    ds = sequences.load(cfg.data.dataset, digits=cfg.data.digits, test_samples=cfg.data.test_samples)
+    bounds = data.shard_bounds(len(ds.train), n_workers)
+    smallest = min(hi - lo for lo, hi in bounds)
+    if cfg.data.batch_size > smallest:
+        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard ({smallest} sequences)")
+
+    def network():
+        torch.manual_seed(cfg.run.seed)  # every worker builds the same initial x
+        return gpt.gpt(cfg.problem.model, ds.vocab_size, ds.block_size)
+
+    x0 = torch.nn.utils.parameters_to_vector(network().parameters()).detach().to(dtype=dtype, device=device)
+    shards = {}
+    for i in worker_indices:
+        lo, hi = bounds[i]
+        shards[i] = SequenceShard(network(), ds.train[lo:hi].clone(), answer_start=ds.answer_start,
+                                  n_workers=n_workers, weight_decay=cfg.optim.weight_decay, seed=cfg.run.seed,
+                                  index=i, test=ds.test if i == 0 else None, dtype=dtype, device=device)
+    return Built(x0.numel(), x0, shards,
+                 f"{cfg.problem.model} on {ds.name}: {len(ds.train)} training and {len(ds.test)} test problems, "
+                 f"{x0.numel()} parameters", steps_per_epoch=smallest // cfg.data.batch_size)
+
+
 def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
     d = cfg.problem.dim
     if d <= 0:
@@ -123,7 +155,7 @@ def _quadratic(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Bu
     return Built(d, x0, shards, f"quadratic 0.5 ||x - c_i||^2, d = {d}")
 
 
-PROBLEMS = {"logreg": _logreg, "classifier": _classifier, "quadratic": _quadratic}
+PROBLEMS = {"logreg": _logreg, "classifier": _classifier, "sequence": _sequence, "quadratic": _quadratic}
 
 
 def build(cfg: Config, n_workers: int, worker_indices, dtype, device="cpu") -> Built:

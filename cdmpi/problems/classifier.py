@@ -19,18 +19,15 @@ from .sampling import EpochSampler, seed_key
 EVAL_BATCH = 1000
 
 
-class ImageShard:
-    """Worker i's network, its part of the training images and (worker 0 only) the test set."""
+class ModuleShard:
+    """Worker i's torch module over its part of the training data: the minibatch gradient at x (the module's
+    parameters are views into x), and the BatchNorm buffers as the worker's own state. Subclasses say how a
+    batch of rows gives the loss (`_loss`) and what the test set measures (`test_values`)."""
 
-    def __init__(self, module: nn.Module, train_images, train_labels, *, mean, std, augment: bool,
-                 n_workers: int, weight_decay: float, seed: int, index: int, test=None, dtype, device):
+    def __init__(self, module: nn.Module, *, n_workers: int, weight_decay: float, seed: int, index: int, dtype,
+                 device):
         self.module = module.to(device=device, dtype=dtype)
-        self.images, self.labels = train_images.to(device), train_labels.to(device)
-        self.test = None if test is None else (test[0].to(device), test[1].to(device))
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(mean, dtype=dtype, device=device).view(shape)
-        self.std = torch.tensor(std, dtype=dtype, device=device).view(shape)
-        self.augment, self.n_workers, self.weight_decay = augment, n_workers, weight_decay
+        self.n_workers, self.weight_decay = n_workers, weight_decay
         self.seed, self.index, self.dtype, self.device = seed, index, dtype, device
         self.d = sum(p.numel() for p in self.module.parameters())
         self.flat_grad = torch.zeros(self.d, dtype=dtype, device=device)
@@ -39,13 +36,10 @@ class ImageShard:
 
     @property
     def n_samples(self) -> int:
-        return self.images.shape[0]
+        raise NotImplementedError
 
-    def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        x = imagesets.to_float(images).to(self.dtype)
-        if augment:
-            x = imagesets.augment(x, torch.Generator().manual_seed(seed_key(self.seed, 3, self.index, self.step)))
-        return (x - self.mean) / self.std
+    def _loss(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def bind(self, x: torch.Tensor) -> None:
         if self._bound is not x:
@@ -61,9 +55,7 @@ class ImageShard:
         self.bind(x)
         self.module.train()
         self.flat_grad.zero_()
-        logits = self.module(self._inputs(self.images[rows], self.augment))
-        self.step += 1
-        loss = F.cross_entropy(logits, self.labels[rows])
+        loss = self._loss(rows)
         loss.backward()
         grad = self.flat_grad
         if self.weight_decay:
@@ -73,6 +65,44 @@ class ImageShard:
             share = torch.stack([loss.detach().double(), torch.dot(grad, grad).double()]) / self.n_workers
             share = {"loss": share[0], "grad_norm_sq": share[1]}
         return grad, share
+
+    def state_dict(self) -> dict:
+        buffers = {k: v.clone() for k, v in self.module.state_dict().items() if "running" in k or "batches" in k}
+        return {"step": self.step, "buffers": buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.module.load_state_dict(state["buffers"], strict=False)
+
+
+class ImageShard(ModuleShard):
+    """Worker i's network, its part of the training images and (worker 0 only) the test set."""
+
+    def __init__(self, module: nn.Module, train_images, train_labels, *, mean, std, augment: bool,
+                 n_workers: int, weight_decay: float, seed: int, index: int, test=None, dtype, device):
+        super().__init__(module, n_workers=n_workers, weight_decay=weight_decay, seed=seed, index=index,
+                         dtype=dtype, device=device)
+        self.images, self.labels = train_images.to(device), train_labels.to(device)
+        self.test = None if test is None else (test[0].to(device), test[1].to(device))
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=dtype, device=device).view(shape)
+        self.std = torch.tensor(std, dtype=dtype, device=device).view(shape)
+        self.augment = augment
+
+    @property
+    def n_samples(self) -> int:
+        return self.images.shape[0]
+
+    def _inputs(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        x = imagesets.to_float(images).to(self.dtype)
+        if augment:
+            x = imagesets.augment(x, torch.Generator().manual_seed(seed_key(self.seed, 3, self.index, self.step)))
+        return (x - self.mean) / self.std
+
+    def _loss(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = self.module(self._inputs(self.images[rows], self.augment))
+        self.step += 1
+        return F.cross_entropy(logits, self.labels[rows])
 
     @torch.no_grad()
     def test_values(self, x: torch.Tensor) -> dict | None:
@@ -92,11 +122,3 @@ class ImageShard:
         out[2] = len(labels)
         loss_sum, correct, count = (float(v) for v in out)
         return {"loss": loss_sum / count, "accuracy": correct / count}
-
-    def state_dict(self) -> dict:
-        buffers = {k: v.clone() for k, v in self.module.state_dict().items() if "running" in k or "batches" in k}
-        return {"step": self.step, "buffers": buffers}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.module.load_state_dict(state["buffers"], strict=False)
