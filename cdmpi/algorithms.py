@@ -75,30 +75,33 @@ class Setting:
     optim: OptimConfig
     dtype: torch.dtype
     seed: int
-    full: Compressor | None = None  # fp32 frames (onebit-adam's warm-up); None: Identity(d)
+    full: Compressor | None = None  # fp32 frames (the warm-ups); None: Identity(d)
+    warmup: int = 0  # cdadam, ef21: steps with fp32 frames both ways before the compressed ones
 
     def identity(self) -> Compressor:
         return self.full if self.full is not None else Identity(self.d)
 
 
 def make_setting(compressor: str, d: int, n_workers: int, optim: OptimConfig, dtype: torch.dtype, seed: int, *,
-                 topology: str = "star", ratio: float = 0.016, k: int = 0) -> Setting:
+                 topology: str = "star", ratio: float = 0.016, k: int = 0, block: int = 0, warmup: int = 0) -> Setting:
     """The workers' setting. star: one compressor over the whole vector. sharded: one per slice
     (compress.Sliced), one slice per worker."""
     if topology != "sharded":
-        up, down = (compress.make(compressor, d, ratio=ratio, k=k) for _ in range(2))
-        return Setting(d, n_workers, up, down, optim, dtype, seed)
+        up, down = (compress.make(compressor, d, ratio=ratio, k=k, block=block) for _ in range(2))
+        return Setting(d, n_workers, up, down, optim, dtype, seed, warmup=warmup)
     if d < n_workers:
         raise CdmpiError(f"comm.topology = 'sharded' cuts the vector into one slice per worker, but d = {d} "
                          f"is less than the {n_workers} workers; use comm.topology = 'star'")
-    up, down = (compress.Sliced.make(compressor, d, n_workers, ratio=ratio, k=k) for _ in range(2))
-    return Setting(d, n_workers, up, down, optim, dtype, seed, compress.Sliced.make("identity", d, n_workers))
+    up, down = (compress.Sliced.make(compressor, d, n_workers, ratio=ratio, k=k, block=block) for _ in range(2))
+    return Setting(d, n_workers, up, down, optim, dtype, seed, compress.Sliced.make("identity", d, n_workers),
+                   warmup=warmup)
 
 
 def slice_setting(s: Setting, index: int) -> Setting:
     """What the server of slice `index` of a sharded setting sees: that slice's compressors and dimension."""
     up = s.up.slice_of(index)
-    return Setting(up.d, s.n_workers, up, s.down.slice_of(index), s.optim, s.dtype, s.seed, s.full.slice_of(index))
+    return Setting(up.d, s.n_workers, up, s.down.slice_of(index), s.optim, s.dtype, s.seed, s.full.slice_of(index),
+                   s.warmup)
 
 
 def same_frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:
@@ -106,22 +109,30 @@ def same_frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:
     return s.up, s.down
 
 
+def warm_frames(s: Setting, step: int) -> tuple[Compressor, Compressor]:
+    """Markov algorithms: fp32 frames both ways for the first s.warmup steps (each sequence then equals its
+    target up to fp32 rounding), the compressed ones after them."""
+    return (s.identity(), s.identity()) if step < s.warmup else (s.up, s.down)
+
+
 class MarkovWorker:
     """A worker with Markov sequences both ways (Algorithm 1 lines 5-6 and 12); `step_` uses g_tilde."""
 
-    frames = staticmethod(same_frames)
+    frames = staticmethod(warm_frames)
     moments: tuple[str, ...] = ()  # the state keys an optimizer warm start takes over (not the sequences)
 
     def __init__(self, s: Setting, worker_index: int, device="cpu"):
+        self.setting = s
         self.g_hat = MarkovSequence(s.up, s.dtype, device, s.seed, stream=worker_index + 1)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
 
     def encode(self, grad: torch.Tensor, up_frame: torch.Tensor) -> bool | None:
         """Writes the upload frame; returns whether grad was finite where the encoder learns it, else None."""
-        return self.g_hat.push(grad, up_frame)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
+        up = warm_frames(self.setting, self.g_hat.count)[0]  # the sequence has taken one frame a step
+        return self.g_hat.push(grad, up_frame, up)  # c_i = C(g_i - g_hat_i); g_hat_i += c_i
 
     def update(self, params: torch.Tensor, down_frame: torch.Tensor, lr: float | StepSize) -> None:
-        self.g_tilde.receive(down_frame)  # g_tilde += c
+        self.g_tilde.receive(down_frame, warm_frames(self.setting, self.g_tilde.count)[1])  # g_tilde += c
         self.step_(params, self.g_tilde.value, lr)
 
     def step_(self, params, direction, lr: float | StepSize) -> None:
@@ -168,12 +179,14 @@ class CDAdamServer:
     """Algorithm 1 on the server: lines 8-10 (also EF21's server)."""
 
     def __init__(self, s: Setting, device="cpu"):
+        self.setting = s
         self.g_hat = MarkovMean(s.up, s.n_workers, s.dtype, device, s.seed)
         self.g_tilde = MarkovSequence(s.down, s.dtype, device, s.seed, stream=0)
 
     def aggregate(self, up_frames: torch.Tensor, down_frame: torch.Tensor) -> None:
-        self.g_hat.receive_all(up_frames)  # g_hat += (1/n) sum_i c_i
-        self.g_tilde.push(self.g_hat.value, down_frame)  # c = C(g_hat - g_tilde); g_tilde += c
+        up, down = warm_frames(self.setting, self.g_hat.count)
+        self.g_hat.receive_all(up_frames, up)  # g_hat += (1/n) sum_i c_i
+        self.g_tilde.push(self.g_hat.value, down_frame, down)  # c = C(g_hat - g_tilde); g_tilde += c
 
     def state_dict(self) -> dict:
         return {"g_hat": self.g_hat.state_dict(), "g_tilde": self.g_tilde.state_dict()}

@@ -233,8 +233,10 @@ class Run:
         checkpointed (default: params, when it is a module). Options: algorithm ("cdadam", or any of
         cdmpi.algorithms.ALGORITHMS), lr, betas, eps, weight_decay, decoupled_weight_decay (AdamW's decay
         instead of L2), compressor ("auto": the algorithm's own), ratio and k (top-k / random-k),
-        warmup_steps (onebit-adam). Every worker must make it with the same model and options. On a resumed
-        run the parameters and the optimizer's state are restored here."""
+        warmup_steps (onebit-adam), block (scales per block of coordinates: scaled_sign, two_level_sign),
+        compress_warmup_steps (cdadam, ef21: fp32 frames for the first steps). Every worker must make it
+        with the same model and options. On a resumed run the parameters and the optimizer's state are
+        restored here."""
         if self._optimizer is not None or self._job.engine is not None:
             raise CdmpiError("run.optimizer() was called twice; a run has one optimizer per worker")
         self.model = model if model is not None else params if isinstance(params, nn.Module) else None

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from .errors import CdmpiError
 
-COMPRESSORS = ("scaled_sign", "topk", "randk", "identity")
-COMPRESSED = ("scaled_sign", "topk", "randk")
+COMPRESSORS = ("scaled_sign", "two_level_sign", "topk", "randk", "identity")
+COMPRESSED = ("scaled_sign", "two_level_sign", "topk", "randk")
+BLOCKED = ("scaled_sign", "two_level_sign")  # the compressors that take compress.block
+MARKOV = ("cdadam", "ef21")  # the algorithms that take compress.warmup_steps
 
 
 @dataclass(frozen=True)
@@ -21,14 +23,14 @@ class AlgorithmInfo:
 
 ALGORITHMS: dict[str, AlgorithmInfo] = {
     a.name: a for a in (
-        AlgorithmInfo("cdadam", ("scaled_sign", "topk", "randk", "identity"),
+        AlgorithmInfo("cdadam", ("scaled_sign", "two_level_sign", "topk", "randk", "identity"),
                       "CD-Adam (Algorithm 1): Markov-compressed both ways, AMSGrad on the workers"),
         AlgorithmInfo("amsgrad", ("identity",), "uncompressed distributed AMSGrad (Section 3): fp32 frames both ways"),
         AlgorithmInfo("amsgrad-ef", COMPRESSED,
                       "AMSGrad with error feedback at every worker and at the server (Section 4)"),
         AlgorithmInfo("amsgrad-naive", COMPRESSED,
                       "AMSGrad on compressed gradients, compressed again by the server, no memory (Section 4)"),
-        AlgorithmInfo("ef21", ("topk", "scaled_sign", "randk"),
+        AlgorithmInfo("ef21", ("topk", "scaled_sign", "two_level_sign", "randk"),
                       "EF21: Markov-compressed both ways (Section 7.2), SGD on the workers"),
         AlgorithmInfo("onebit-adam", COMPRESSED,
                       "1-bit Adam (Tang et al. 2021): optim.warmup_steps of fp32 Adam, then frozen variance "

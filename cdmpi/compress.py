@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import wire
+from .catalog import BLOCKED
 from .errors import CdmpiError
 
 
@@ -173,6 +174,99 @@ class ScaledSign(Compressor):
             acc[lo:hi].add_(part, alpha=alpha)
 
 
+class _Blocks:
+    """Coordinates cut into blocks of `block` (the last may be shorter): per-block sums, and per-block
+    values spread back over the coordinates."""
+
+    def __init__(self, d: int, block: int):
+        self.d = d
+        self.block = block if 0 < block < d else d
+        self.count = -(-d // self.block)
+        self.sizes = torch.full((self.count,), self.block, dtype=torch.int64)
+        self.sizes[-1] = d - (self.count - 1) * self.block
+
+    def sums(self, v: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(self.count * self.block, dtype=v.dtype, device=v.device)
+        padded[:self.d] = v
+        return padded.view(self.count, self.block).sum(1)
+
+    def spread(self, per_block: torch.Tensor) -> torch.Tensor:
+        return per_block.repeat_interleave(self.block)[:self.d]
+
+
+class BlockScaledSign(Compressor):
+    """Scaled sign with one scale per block of coordinates (compress.block): C(x)_j = ||x_b||_1 / d_b
+    sign(x_j) for j in block b. Frame: the blocks' fp32 scales, then ceil(d/8) sign bytes."""
+
+    name = "scaled_sign"
+
+    def __init__(self, d: int, block: int):
+        super().__init__(d)
+        self.blocks = _Blocks(d, block)
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 4 * self.blocks.count + wire.sign_nbytes(self.d)
+
+    def contraction(self) -> float:
+        return 1.0 / self.blocks.block  # per block as scaled sign's 1/d_b
+
+    def encode(self, x, frame, key=0):
+        sums = self.blocks.sums(x.abs())
+        wire.write_f32(frame, 0, sums / self.blocks.sizes.to(sums))
+        wire.pack_signs(x, frame[4 * self.blocks.count:])
+        return bool(torch.isfinite(sums).all())
+
+    def decode(self, frame, dtype, key=0):
+        scales = wire.read_f32(frame, 0, self.blocks.count).to(dtype)
+        return wire.unpack_signs(frame[4 * self.blocks.count:], self.d, dtype) * self.blocks.spread(scales)
+
+
+class TwoLevelSign(Compressor):
+    """Two bits a coordinate: its sign, and whether |x_j| >= ||x||_1 / d (the high group). Each group sends
+    one fp32 scale, the mean |x_j| over the group, so C(x)_j = sign(x_j) * (s_high or s_low). Scaled sign is
+    this with both scales equal to ||x||_1 / d, and the group means are the best two scales for the groups,
+    so the error is never larger than scaled sign's (up to the fp32 rounding of the scales). With block > 0
+    each block of coordinates has its own threshold and two scales.
+    Frame: the blocks' fp32 s_low, their fp32 s_high, ceil(d/8) sign bytes, ceil(d/8) group bytes (1: high)."""
+
+    name = "two_level_sign"
+
+    def __init__(self, d: int, block: int = 0):
+        super().__init__(d)
+        self.blocks = _Blocks(d, block)
+
+    @property
+    def frame_nbytes(self) -> int:
+        return 8 * self.blocks.count + 2 * wire.sign_nbytes(self.d)
+
+    def contraction(self) -> float:
+        return 1.0 / self.blocks.block  # at least scaled sign's
+
+    def encode(self, x, frame, key=0):
+        blocks, count = self.blocks, self.blocks.count
+        magnitude = x.abs()
+        l1 = blocks.sums(magnitude)
+        sizes = blocks.sizes.to(l1)
+        high = magnitude >= blocks.spread(l1 / sizes)
+        count_high = blocks.sums(high.to(l1.dtype))
+        sum_high = blocks.sums(torch.where(high, magnitude, 0))
+        s_high = sum_high / count_high  # never 0 coordinates: the largest |x_j| of a block is at least its mean
+        s_low = (l1 - sum_high) / (sizes - count_high).clamp(min=1)
+        wire.write_f32(frame, 0, torch.cat([s_low, s_high]))
+        signs = 8 * count
+        wire.pack_signs(x, frame[signs:signs + wire.sign_nbytes(self.d)])
+        wire.pack_signs(torch.where(high, 1.0, -1.0).to(x.dtype), frame[signs + wire.sign_nbytes(self.d):])
+        return bool(torch.isfinite(l1).all())
+
+    def decode(self, frame, dtype, key=0):
+        blocks, count, nbytes = self.blocks, self.blocks.count, wire.sign_nbytes(self.d)
+        scales = wire.read_f32(frame, 0, 2 * count).to(dtype)
+        high = wire.unpack_signs(frame[8 * count + nbytes:], self.d, dtype) > 0
+        levels = torch.where(high, blocks.spread(scales[count:]), blocks.spread(scales[:count]))
+        return wire.unpack_signs(frame[8 * count:8 * count + nbytes], self.d, dtype) * levels
+
+
 class _Sparse(Compressor):
     """k coordinates; the frame holds their fp32 values (and, for top-k, their int32 indices)."""
 
@@ -248,13 +342,20 @@ class Identity(Compressor):
         return wire.read_f32(frame, 0, self.d).to(dtype)
 
 
-COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (ScaledSign, TopK, RandK, Identity)}
+COMPRESSORS: dict[str, type[Compressor]] = {c.name: c for c in (ScaledSign, TwoLevelSign, TopK, RandK, Identity)}
 
 
-def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0) -> Compressor:
+def make(name: str, d: int, *, ratio: float = 0.016, k: int = 0, block: int = 0) -> Compressor:
+    """The compressor `name` over d coordinates. block > 0 (scaled sign, two-level sign): the scales of each
+    block of `block` consecutive coordinates (the last may be shorter) are its own."""
     cls = COMPRESSORS.get(name)
     if cls is None:
         raise CdmpiError(f"unknown compressor {name!r}; choose one of {', '.join(COMPRESSORS)}")
+    if block:
+        if name not in BLOCKED:
+            raise CdmpiError(f"compress.block applies to {' and '.join(BLOCKED)}, not {name!r}")
+        if block < d:
+            return TwoLevelSign(d, block) if name == "two_level_sign" else BlockScaledSign(d, block)
     if issubclass(cls, _Sparse):
         return cls(d, k if k > 0 else max(1, min(d, round(ratio * d))))
     return cls(d)
@@ -302,11 +403,13 @@ class Sliced(Compressor):
             self.offsets.append(self.offsets[-1] + part.frame_nbytes)
 
     @classmethod
-    def make(cls, name: str, d: int, n_slices: int, *, ratio: float = 0.016, k: int = 0) -> "Sliced":
-        """`make(name, d_s, ...)` per slice; an explicit k is shared out in proportion to slice size."""
+    def make(cls, name: str, d: int, n_slices: int, *, ratio: float = 0.016, k: int = 0, block: int = 0) -> "Sliced":
+        """`make(name, d_s, ...)` per slice; an explicit k is shared out in proportion to slice size, and
+        blocks start again at each slice's start."""
         bounds = slice_bounds(d, n_slices)
         sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-        parts = [make(name, size, ratio=ratio, k=max(1, round(k * size / d)) if k > 0 else 0) for size in sizes]
+        parts = [make(name, size, ratio=ratio, k=max(1, round(k * size / d)) if k > 0 else 0, block=block)
+                 for size in sizes]
         return cls(parts, bounds)
 
     @property

@@ -19,21 +19,24 @@ class MarkovSequence:
         self.seed = seed
         self.stream = stream
         self.count = 0  # frames applied; both ends advance it in lockstep (random-k keys use it)
-        self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device), self._key())
+        self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device), self._key(compressor))
 
-    def _key(self) -> int:
-        return frame_key(self.compressor, self.seed, self.stream, self.count)
+    def _key(self, compressor: Compressor) -> int:
+        return frame_key(compressor, self.seed, self.stream, self.count)
 
-    def push(self, target: torch.Tensor, frame: torch.Tensor) -> bool | None:
-        """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes. Returns what the
-        compressor's encode returns (whether target - w_hat was finite, where it knows)."""
-        finite = self.compressor.encode_delta_(target, self.value, frame, self._key())
+    def push(self, target: torch.Tensor, frame: torch.Tensor, compressor: Compressor | None = None) -> bool | None:
+        """Sender: write C(target - w_hat) into frame, then advance w_hat from those bytes (C: the sequence's
+        compressor, or this frame's, e.g. a warm-up's fp32 frames). Returns what the compressor's encode
+        returns (whether target - w_hat was finite, where it knows)."""
+        c = compressor or self.compressor
+        finite = c.encode_delta_(target, self.value, frame, self._key(c))
         self.count += 1
         return finite
 
-    def receive(self, frame: torch.Tensor) -> None:
+    def receive(self, frame: torch.Tensor, compressor: Compressor | None = None) -> None:
         """Receiver (and sender): w_hat += the decoded frame."""
-        self.compressor.decode_add_(frame, self.value, self._key())
+        c = compressor or self.compressor
+        c.decode_add_(frame, self.value, self._key(c))
         self.count += 1
 
     def state_dict(self) -> dict:
@@ -55,10 +58,11 @@ class MarkovMean:
         self.value = compressor(torch.zeros(compressor.d, dtype=dtype, device=device),
                                 frame_key(compressor, seed, 1, 0))
 
-    def receive_all(self, frames: torch.Tensor) -> None:
+    def receive_all(self, frames: torch.Tensor, compressor: Compressor | None = None) -> None:
         """frames: (n, nbytes), row i from worker i. g_hat += (1/n) sum_i C_i, summed in worker order."""
-        keys = [frame_key(self.compressor, self.seed, i + 1, self.count) for i in range(self.n_workers)]
-        self.compressor.add_sum_(frames, self.value, keys, alpha=1.0 / self.n_workers)
+        c = compressor or self.compressor
+        keys = [frame_key(c, self.seed, i + 1, self.count) for i in range(self.n_workers)]
+        c.add_sum_(frames, self.value, keys, alpha=1.0 / self.n_workers)
         self.count += 1
 
     def state_dict(self) -> dict:

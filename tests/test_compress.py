@@ -19,6 +19,11 @@ def expected_c(name: str, x: np.ndarray, k: int, key: int) -> np.ndarray:
     d = x.size
     if name == "scaled_sign":  # ||x||_1 / d, rounded to fp32 for the wire, times sign with sign(0) = +1
         return np.where(x >= 0, 1.0, -1.0) * np.float64(np.float32(np.abs(x).sum() / d))
+    if name == "two_level_sign":  # the group means of |x_j| below and from ||x||_1 / d on, each rounded to fp32
+        high = np.abs(x) >= np.abs(x).sum() / d
+        s_high = np.float64(np.float32(np.abs(x[high]).mean()))
+        s_low = np.float64(np.float32(np.abs(x[~high]).mean())) if (~high).any() else 0.0
+        return np.where(x >= 0, 1.0, -1.0) * np.where(high, s_high, s_low)
     if name == "identity":
         return x.astype(np.float32).astype(np.float64)
     if name == "topk":  # the k largest magnitudes (no ties in these draws)
@@ -128,3 +133,70 @@ def test_topk_rejects_out_of_range_index():
     frame[4:8] = torch.tensor([99], dtype=torch.int32).view(torch.uint8)
     with pytest.raises(CdmpiError, match="outside"):
         c.decode(frame, torch.float32)
+
+
+def scaled_sign_frame(x: np.ndarray) -> bytes:
+    """The wire bytes of scaled sign, written from the format: fp32 ||x||_1 / d, then np.packbits(x >= 0)."""
+    return np.float32(np.abs(x).sum() / x.size).tobytes() + np.packbits(x >= 0).tobytes()
+
+
+@pytest.mark.parametrize("d", [5, 8, 113, 1000])
+def test_two_level_sign_frame_format(d):
+    """8 + 2 ceil(d/8) bytes: fp32 s_low, fp32 s_high, the sign bits, the group bits (|x_j| >= mean |x|)."""
+    x = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(d)) * 3
+    c = compress.make("two_level_sign", d)
+    frame = c.new_frame()
+    c.encode(x, frame)
+    assert frame.numel() == c.frame_nbytes == 8 + 2 * ((d + 7) // 8)
+    a = x.numpy()
+    high = np.abs(a) >= np.abs(a).sum() / d
+    expected = (np.float32(np.abs(a[~high]).mean() if (~high).any() else 0.0).tobytes()
+                + np.float32(np.abs(a[high]).mean()).tobytes() + np.packbits(a >= 0).tobytes()
+                + np.packbits(high).tobytes())
+    assert frame.numpy().tobytes() == expected
+    assert 0 < high.sum() < d or d < 8  # both groups hold coordinates: the test sees two scales
+
+
+def test_two_level_sign_never_worse_than_scaled_sign():
+    gen = torch.Generator().manual_seed(3)
+    for d in (7, 64, 999):
+        x = torch.randn(d, dtype=torch.float64, generator=gen) ** 3  # heavy-tailed magnitudes
+        two, one = compress.make("two_level_sign", d), compress.make("scaled_sign", d)
+        err_two, err_one = float(((two(x) - x) ** 2).sum()), float(((one(x) - x) ** 2).sum())
+        assert err_two <= err_one * (1 + 1e-6)
+        assert err_two < 0.9 * err_one  # and much better on heavy tails
+
+
+@pytest.mark.parametrize("name", ["scaled_sign", "two_level_sign"])
+@pytest.mark.parametrize("d, block", [(20, 8), (23, 8), (1000, 128), (1000, 999), (5, 8)])
+def test_block_scales(name, d, block):
+    """compress.block: the vector cut into blocks of `block` coordinates (the last shorter), each block
+    compressed as a vector of its own; the frame holds every block's scales, then the bits of all d
+    coordinates: 4 (scaled sign) or 8 (two-level) bytes a block, plus 1 or 2 bits a coordinate."""
+    x = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(d + block)) ** 3
+    c = compress.make(name, d, block=block)
+    bounds = [*range(0, d, block), d] if block < d else [0, d]
+    parts = [x.numpy()[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+    per_block, bits = {"scaled_sign": (4, 1), "two_level_sign": (8, 2)}[name]
+    assert c.frame_nbytes == per_block * len(parts) + bits * ((d + 7) // 8)
+    frame = c.new_frame()
+    c.encode(x, frame)
+    a = x.numpy()
+    expected = np.concatenate([expected_c(name, part, 0, 0) for part in parts])
+    np.testing.assert_array_equal(c.decode(frame, torch.float64).numpy(), expected)
+    if name == "scaled_sign":
+        scales = np.float32([np.abs(part).sum() / part.size for part in parts])
+        assert frame.numpy().tobytes() == scales.tobytes() + np.packbits(a >= 0).tobytes()
+    else:
+        high = np.concatenate([np.abs(part) >= np.abs(part).sum() / part.size for part in parts])
+        assert frame.numpy()[-2 * ((d + 7) // 8):].tobytes() == np.packbits(a >= 0).tobytes() + np.packbits(high).tobytes()
+    acc = torch.zeros(d, dtype=torch.float64)
+    c.add_sum_(torch.stack([frame, frame]), acc, [0, 0], alpha=0.5)  # the server's sum of frames
+    np.testing.assert_array_equal(acc.numpy(), expected)
+    for part in parts:  # the error within each block is at most (1 - 1/d_b) of its norm
+        assert c.contraction() <= 1 / len(part) + 1e-15
+
+
+def test_block_applies_to_sign_compressors_only():
+    with pytest.raises(CdmpiError, match="compress.block applies to scaled_sign and two_level_sign"):
+        compress.make("topk", 100, block=10)
