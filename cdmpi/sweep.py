@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from . import catalog, config
-from .errors import CdmpiError
+from .errors import AgreedError, CdmpiError
 
 PARTIAL = ".partial"  # the folder, inside --out-dir, of runs not yet finished
 
@@ -131,7 +131,14 @@ def run_local(run: Run, workers: int) -> str:
         return f"{run.out.name}: already finished"
     cfg = config.replace(run.cfg, "run", workers=workers)
     run.partial.parent.mkdir(parents=True, exist_ok=True)
-    row = train.build(cfg, LocalTransport(workers), out=run.partial, overwrite=True).run()
+    try:
+        row = train.build(cfg, LocalTransport(workers), out=run.partial, overwrite=True).run()
+    except AgreedError as err:
+        if not str(err).startswith("non-finite"):
+            raise
+        # a step size too large for the problem is a result of the sweep: its rows up to there are kept
+        os.replace(run.partial, run.out)
+        return f"{run.out.name}: stopped, {str(err).split(';')[0]}"
     os.replace(run.partial, run.out)
     return f"{run.out.name}: grad_norm_sq {row['grad_norm_sq']:.4e}"
 

@@ -198,3 +198,20 @@ def test_labels_name_the_quantity_and_every_run(tmp_path):
 
     assert plot.quantity("grad_norm_sq", "logreg on mushrooms: 8124 samples") == \
         "‖∇f(x_t)‖² (grad_norm_sq), logreg on mushrooms"
+
+
+def test_a_diverging_run_is_a_result_of_the_sweep(tmp_path):
+    """EF21 (SGD) on a quadratic with a step size past 2: x grows 9x a step until it is not finite. The sweep
+    keeps that run's rows up to there, says where it stopped, and runs the other step size."""
+    config = tmp_path / "quadratic.toml"
+    config.write_text('[run]\nsteps = 200\ndtype = "float32"\nworkers = 2\n[problem]\nname = "quadratic"\ndim = 20\n'
+                      '[optim]\nalgorithm = "ef21"\n[compress]\nname = "topk"\nratio = 1.0\n')
+    r = run_main(["sweep", config, "--grid", "optim.lr=0.5,10.0", "--out-dir", tmp_path / "sweep"])
+    assert r.returncode == 0, r.stderr
+    assert "stopped, non-finite" in r.stdout
+    stopped = metrics.read(tmp_path / "sweep" / "quadratic_ef21_lr=10.0.h5")
+    assert 5 < stopped["train"]["step"][-1] < 200
+    assert np.isfinite(stopped["train"]["loss"]).all()
+    assert metrics.read(tmp_path / "sweep" / "quadratic_ef21_lr=0.5.h5")["train"]["step"][-1] == 200
+    r = run_main(["sweep", config, "--grid", "optim.lr=0.5,10.0", "--out-dir", tmp_path / "sweep"])
+    assert r.returncode == 0 and "2 already finished" in r.stdout  # a second sweep does not run it again
