@@ -24,7 +24,7 @@ LOGREG_GRID ?= optim.lr=0.001:0.011:0.002
 LOGREG_JOBS ?= 2
 LOGREG_RUNS ?= runs/logreg
 
-.PHONY: install demo test test-fast clean reproduce-logreg reproduce-digits reproduce-network gpu-check bench docs
+.PHONY: install demo test test-fast clean reproduce-logreg reproduce-digits reproduce-transformer reproduce-network gpu-check bench docs
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ reproduce-logreg: install
 # Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 1 to 2 minutes).
 reproduce-digits: install
 	BIN=$(BIN) results/digits/reproduce.sh
+
+# A small GPT (gpt_nano) learning 2-digit addition, 2 workers: every method's step-size grid on seed 0, its best
+# step size on seeds 1 and 2, the diagnosis of CD-Adam, then results/transformer/ (README, tables, figures).
+# About 35 minutes on 2 cores; finished runs in runs/transformer are kept.
+reproduce-transformer: install
+	$(PY) results/transformer/reproduce.py --runs runs/transformer
 
 # Step times on an emulated cluster (root: network namespaces and tc), every method at 100 Mbit/s, 1 and
 # 10 Gbit/s and unshaped, digits to 90% at 100 Mbit/s and 1 Gbit/s, the cost of metric rows: about

@@ -78,6 +78,19 @@ def _logreg(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built
                  train_columns=("loss_all_rows", "grad_norm_sq_all_rows"))
 
 
+def _worker_bounds(cfg: Config, samples: int, n_workers: int, what: str) -> tuple[list, int]:
+    """Each worker's [lo, hi) of the training samples, and the smallest share (a batch must fit in it)."""
+    bounds = data.shard_bounds(samples, n_workers)
+    smallest = min(hi - lo for lo, hi in bounds)
+    if cfg.data.batch_size > smallest:
+        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard ({smallest} {what})")
+    return bounds, smallest
+
+
+def _initial_point(network, dtype, device) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(network().parameters()).detach().to(dtype=dtype, device=device)
+
+
 def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Built:
     from .. import images, nets
 
@@ -87,16 +100,13 @@ def _classifier(cfg: Config, n_workers: int, worker_indices, dtype, device) -> B
         raise CdmpiError("the classifier problem needs data.batch_size >= 1 (the paper uses 128 per worker)")
     ds = images.load(cfg.data.dataset, seed=cfg.run.seed, samples=cfg.data.samples,
                      test_samples=cfg.data.test_samples, image_size=cfg.data.image_size)
-    bounds = data.shard_bounds(len(ds.train_labels), n_workers)
-    smallest = min(hi - lo for lo, hi in bounds)
-    if cfg.data.batch_size > smallest:
-        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard ({smallest} images)")
+    bounds, smallest = _worker_bounds(cfg, len(ds.train_labels), n_workers, "images")
 
     def network():
         torch.manual_seed(cfg.run.seed)  # every worker builds the same initial x
         return nets.NETWORKS[cfg.problem.model](num_classes=ds.classes, in_channels=ds.train_images.shape[1])
 
-    x0 = torch.nn.utils.parameters_to_vector(network().parameters()).detach().to(dtype=dtype, device=device)
+    x0 = _initial_point(network, dtype, device)
     shards = {}
     for i in worker_indices:
         lo, hi = bounds[i]
@@ -122,16 +132,13 @@ def _sequence(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Bui
     if cfg.data.batch_size < 1:
         raise CdmpiError("the sequence problem needs data.batch_size >= 1")
     ds = sequences.load(cfg.data.dataset, digits=cfg.data.digits, test_samples=cfg.data.test_samples)
-    bounds = data.shard_bounds(len(ds.train), n_workers)
-    smallest = min(hi - lo for lo, hi in bounds)
-    if cfg.data.batch_size > smallest:
-        raise CdmpiError(f"data.batch_size {cfg.data.batch_size} exceeds the smallest shard ({smallest} sequences)")
+    bounds, smallest = _worker_bounds(cfg, len(ds.train), n_workers, "sequences")
 
     def network():
         torch.manual_seed(cfg.run.seed)  # every worker builds the same initial x
         return gpt.gpt(cfg.problem.model, ds.vocab_size, ds.block_size)
 
-    x0 = torch.nn.utils.parameters_to_vector(network().parameters()).detach().to(dtype=dtype, device=device)
+    x0 = _initial_point(network, dtype, device)
     shards = {}
     for i in worker_indices:
         lo, hi = bounds[i]
