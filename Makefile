@@ -46,7 +46,7 @@ reproduce-logreg: install
 	$(BIN)/cdmpi plot $(LOGREG_RUNS) --best --x bits step --y grad_norm_sq --out results/logreg/grad_norm_sq.png \
 		--title "Section 7.1: best step size per method, n = 20, scaled sign"
 	$(BIN)/cdmpi plot $(LOGREG_RUNS) --best --x bits step --y loss --out results/logreg/loss.png
-	$(BIN)/cdmpi plot $(LOGREG_RUNS) --x step --y grad_norm_sq --out results/logreg/all_step_sizes.png
+	$(BIN)/cdmpi plot $(LOGREG_RUNS) --x step --y grad_norm_sq --by-method --out results/logreg/all_step_sizes.png
 	$(PY) results/logreg/make_readme.py $(LOGREG_RUNS) results/logreg/README.md
 
 # Small CNN on scikit-learn's digits, 4 workers: CD-Adam vs AMSGrad, 1-bit Adam, EF21 (about 1 to 2 minutes).

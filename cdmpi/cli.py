@@ -141,14 +141,16 @@ def _sweep_parser(sub) -> None:
 def _plot_parser(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw log-scale curves from metrics files",
-        description="One column per dataset, one row per --x axis, one curve per run (or per algorithm "
-                    "with --best); y on a log scale where its curves span a decade or more, bits on a log scale. Needs matplotlib.",
+        description="One column per dataset, one row per --x axis (and method, with --by-method), one curve "
+                    "per run (or per algorithm with --best); y on a log scale where its curves span a decade or more, bits on a log scale. Needs matplotlib.",
         formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="metrics files or folders of them")
     p.add_argument("--x", nargs="+", default=["bits", "step"], choices=("bits", "step"),
                    help="x axes, one row of panels each: bits (up + down) or step")
     p.add_argument("--y", default="grad_norm_sq", help="a column of /train: grad_norm_sq, loss, ...")
     p.add_argument("--best", action="store_true", help="only the best step size of each algorithm")
+    p.add_argument("--by-method", action="store_true",
+                   help="a row of panels per method and x axis, each panel one method's step sizes (for many runs)")
     p.add_argument("--title", default=None)
     p.add_argument("--out", required=True, help="PNG (or any format matplotlib writes)")
 
@@ -414,7 +416,8 @@ def cmd_plot(args) -> int:
     from . import analysis, plot
 
     out = plot.figure(analysis.expand(args.files), xs=args.x, y=args.y, out=args.out, best_only=args.best,
-                      title=args.title, warn=lambda text: print(f"cdmpi: warning: {text}", file=sys.stderr))
+                      title=args.title, warn=lambda text: print(f"cdmpi: warning: {text}", file=sys.stderr),
+                      by_method=args.by_method)
     print(f"cdmpi: wrote {out}")
     return 0
 

@@ -56,8 +56,14 @@ def _x(train: dict, axis: str) -> np.ndarray:
     return train["bits_up"] + train["bits_down"] if axis == "bits" else train["step"]
 
 
+def panel_rows(xs, methods, by_method: bool) -> list[tuple[str, str | None]]:
+    """The figure's rows of panels, top to bottom: one per x axis, or (by_method) one per x axis and method,
+    so that each panel holds one method's step sizes."""
+    return [(axis, method) for axis in xs for method in (methods if by_method else [None])]
+
+
 def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, best_only=False,
-           title: str | None = None, warn=None) -> Path:
+           title: str | None = None, warn=None, by_method: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +92,8 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     # With the best step size only, one method's lr differs between datasets: there, a style per method.
     styles = ({method: LINESTYLES[i % len(LINESTYLES)] for i, method in enumerate(methods)} if best_only else
               {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)})
-    fig, axes = plt.subplots(len(xs), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(xs)),
+    panels = panel_rows(xs, methods, by_method)
+    fig, axes = plt.subplots(len(panels), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(panels)),
                              squeeze=False)
     for row in sorted(rows, key=lambda r: (methods.index(_method(r)), r["lr"] or 0.0)):
         train = analysis.rows_with(metrics.read(row["file"]), row["file"], y)  # /train, else /eval
@@ -95,12 +102,14 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
         label = f"{_method(row)}" + (f" lr={row['lr']:g}" if row["lr"] is not None else "")
         if seen[(str(row["dataset"]), _method(row), row["lr"])] > 1:
             label += f" [{Path(row['file']).name}]"
-        for r, axis in enumerate(xs):
+        for r, (axis, method) in enumerate(panels):
+            if method not in (None, _method(row)):
+                continue
             x, values = _x(train, axis), train[y]
             keep = (values > 0) & ((x > 0) if axis == "bits" else True)
             axes[r][column].plot(x[keep], values[keep], color=colors[_method(row)], linestyle=style,
                                  label=label, linewidth=1.3)
-    for r, axis in enumerate(xs):
+    for r, (axis, method) in enumerate(panels):
         for c, dataset in enumerate(datasets):
             ax = axes[r][c]
             if _spans_a_decade(ax):  # a loss between 0.3 and 0.7 reads better on a linear axis
@@ -109,9 +118,13 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
                 _log_axis(ax, "x")
             ax.set_xlabel(X_AXES[axis])
             ax.set_ylabel(quantity(y, problems.get(dataset)))
-            ax.set_title(dataset if dataset != "None" else titles.get(dataset, "your own loop"))
+            ax.set_title((dataset if dataset != "None" else titles.get(dataset, "your own loop"))
+                         + (f": {method}" if method else ""), fontsize=10 if method else None)
             ax.grid(True, which="major", alpha=0.3)
-    if best_only:  # each dataset its own best step sizes: a legend under each column
+    if by_method:  # each row one method: its step sizes in a legend beside the row's last panel
+        for r in range(len(panels)):
+            axes[r][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
+    elif best_only:  # each dataset its own best step sizes: a legend under each column
         for c in range(len(datasets)):
             ax = axes[-1][c]
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, fontsize=8, frameon=False)

@@ -146,6 +146,8 @@ def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
         loss_ax = captured["fig"].axes[0]
         plot.figure(analysis.expand([finished_sweep]), xs=("step",), y="bits_up", out=tmp_path / "bits.png")
         bits_ax = captured["fig"].axes[0]
+        plot.figure(analysis.expand([finished_sweep]), xs=("step", "bits"), out=tmp_path / "by.png", by_method=True)
+        by_method = captured["fig"].axes
     finally:
         plt.Figure.savefig = savefig
     runs = [metrics.read(f)["train"] for f in analysis.expand([finished_sweep])]
@@ -162,6 +164,12 @@ def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
                             for lr in (0.004, 0.012))
     looks = {(line.get_color(), str(line.get_linestyle())) for line in lines}
     assert len(looks) == len(lines)  # no two curves drawn alike
+    # --by-method: a row per x axis and method, each panel one method's step sizes, the method in its title
+    assert len(by_method) == 4
+    for ax, (axis, method) in zip(by_method, [(x, m) for x in ("step", "bits")
+                                             for m in ("amsgrad (identity)", "cdadam (scaled_sign)")]):
+        assert sorted(line.get_label() for line in ax.get_lines()) == [f"{method} lr=0.004", f"{method} lr=0.012"]
+        assert ax.get_title().endswith(method) and ax.get_xlabel() == plot.X_AXES[axis]
 
 
 @pytest.mark.mpi
