@@ -55,7 +55,7 @@ reproduce-digits: install
 
 # A small GPT (gpt_nano) learning 2-digit addition, 2 workers: every method's step-size grid on seed 0, its best
 # step size on seeds 1 and 2, the diagnosis of CD-Adam, then results/transformer/ (README, tables, figures).
-# About 35 minutes on 2 cores; finished runs in runs/transformer are kept.
+# About 30 minutes on 2 cores; finished runs in runs/transformer are kept.
 reproduce-transformer: install
 	$(PY) results/transformer/reproduce.py --runs runs/transformer
 
