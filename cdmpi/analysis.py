@@ -31,9 +31,15 @@ def summarize(path, target: tuple[str, str, float] | None = None) -> dict:
     final_step = run.get("final", {}).get("steps")  # a user's loop logs row t before step t: rows end at T - 1
     if final_step is not None and final_step[0] >= 0:
         step = int(final_step[0])
+    compressor = attrs.get("compressor")
+    options = cfg.get("compress", {})
+    if options.get("block"):  # compress.block and compress.warmup_steps make another method of the same compressor
+        compressor = f"{compressor}/{options['block']}"
+    if options.get("warmup_steps"):
+        compressor = f"{compressor}+warmup{options['warmup_steps']}"
     accuracy = run.get("eval", {}).get("accuracy")
     test_accuracy = float(accuracy[-1]) if accuracy is not None and len(accuracy) else None
-    row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": attrs.get("compressor"),
+    row = {"file": str(path), "algorithm": attrs.get("algorithm"), "compressor": compressor,
            "topology": attrs.get("topology", "star"),  # files from before the sharded topology are star
            "dataset": cfg.get("data", {}).get("dataset"), "data_sha256": attrs.get("data_sha256"),
            "problem": attrs.get("problem"),
@@ -62,6 +68,17 @@ def rows_with(run: dict, path, column: str) -> dict:
             return run[group]
     have = sorted({name for group in ("train", "eval") for name in (run.get(group) or {}) if name != "step"})
     raise CdmpiError(f"{path}: no column {column!r} in /train or /eval; it has {', '.join(have)}")
+
+
+HIGHER_IS_BETTER = ("accuracy", "test_accuracy")  # columns whose best value is the largest
+
+
+def best_by_default(column: str) -> tuple[str, str] | None:
+    """What --best ranks a figure of `column` by: grad_norm_sq as ever, any other column by its own last value
+    (the highest accuracy, the lowest loss)."""
+    if column == "grad_norm_sq":
+        return None
+    return column, "max" if column in HIGHER_IS_BETTER else "min"
 
 
 def best(rows: list[dict], by: tuple[str, str] | None = None) -> list[dict]:

@@ -296,7 +296,8 @@ def from_dict(values: dict, overrides: typing.Sequence[str] = ()) -> Config:
     _check_choices(cfg)
     if cfg.run.epochs and "steps" in values.get("run", {}):
         raise CdmpiError(f"config: run.steps = {cfg.run.steps} and run.epochs = {cfg.run.epochs} are both set; "
-                         f"with epochs the steps follow from the data (epochs x steps per epoch): set one")
+                         f"with epochs the steps follow from the data (epochs x steps per epoch): set one "
+                         f"(--set run.epochs=0 keeps run.steps; for epochs, remove run.steps from the file)")
     return cfg
 
 

@@ -56,10 +56,14 @@ def _x(train: dict, axis: str) -> np.ndarray:
     return train["bits_up"] + train["bits_down"] if axis == "bits" else train["step"]
 
 
-def panel_rows(xs, methods, by_method: bool) -> list[tuple[str, str | None]]:
-    """The figure's rows of panels, top to bottom: one per x axis, or (by_method) one per x axis and method,
-    so that each panel holds one method's step sizes."""
-    return [(axis, method) for axis in xs for method in (methods if by_method else [None])]
+def panel_grid(xs, datasets, methods, by_method: bool) -> dict[tuple, tuple[int, int]]:
+    """(x axis, dataset, method or None) -> (row, column) of its panel: a row per x axis and a column per
+    dataset, or (by_method) a row per method and a column per dataset and x axis, so that each panel holds
+    one method's step sizes."""
+    if not by_method:
+        return {(axis, dataset, None): (r, c) for r, axis in enumerate(xs) for c, dataset in enumerate(datasets)}
+    return {(axis, dataset, method): (r, c * len(xs) + a) for r, method in enumerate(methods)
+            for c, dataset in enumerate(datasets) for a, axis in enumerate(xs)}
 
 
 def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, best_only=False,
@@ -76,7 +80,7 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     if best_only:
         for warning in analysis.best_warnings(rows) if warn else ():
             warn(warning)
-        rows = analysis.best(rows)
+        rows = analysis.best(rows, analysis.best_by_default(y))
     if not rows:
         raise CdmpiError("nothing to plot")
     datasets = list(dict.fromkeys(str(r["dataset"]) for r in rows))
@@ -92,9 +96,9 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
     # With the best step size only, one method's lr differs between datasets: there, a style per method.
     styles = ({method: LINESTYLES[i % len(LINESTYLES)] for i, method in enumerate(methods)} if best_only else
               {lr: LINESTYLES[i % len(LINESTYLES)] for i, lr in enumerate(lrs)})
-    panels = panel_rows(xs, methods, by_method)
-    fig, axes = plt.subplots(len(panels), len(datasets), figsize=(4.2 * len(datasets), 3.4 * len(panels)),
-                             squeeze=False)
+    panels = panel_grid(xs, datasets, methods, by_method)
+    rows_n, columns_n = (max(r for r, _ in panels.values()) + 1, max(c for _, c in panels.values()) + 1)
+    fig, axes = plt.subplots(rows_n, columns_n, figsize=(4.2 * columns_n, 3.4 * rows_n), squeeze=False)
     for row in sorted(rows, key=lambda r: (methods.index(_method(r)), r["lr"] or 0.0)):
         train = analysis.rows_with(metrics.read(row["file"]), row["file"], y)  # /train, else /eval
         column = datasets.index(str(row["dataset"]))
@@ -102,27 +106,26 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
         label = f"{_method(row)}" + (f" lr={row['lr']:g}" if row["lr"] is not None else "")
         if seen[(str(row["dataset"]), _method(row), row["lr"])] > 1:
             label += f" [{Path(row['file']).name}]"
-        for r, (axis, method) in enumerate(panels):
-            if method not in (None, _method(row)):
-                continue
+        for axis in xs:
+            r, c = panels[(axis, datasets[column], _method(row) if by_method else None)]
             x, values = _x(train, axis), train[y]
-            keep = (values > 0) & ((x > 0) if axis == "bits" else True)
-            axes[r][column].plot(x[keep], values[keep], color=colors[_method(row)], linestyle=style,
-                                 label=label, linewidth=1.3)
-    for r, (axis, method) in enumerate(panels):
-        for c, dataset in enumerate(datasets):
-            ax = axes[r][c]
-            if _spans_a_decade(ax):  # a loss between 0.3 and 0.7 reads better on a linear axis
-                _log_axis(ax, "y")
-            if axis == "bits":
-                _log_axis(ax, "x")
-            ax.set_xlabel(X_AXES[axis])
-            ax.set_ylabel(quantity(y, problems.get(dataset)))
-            ax.set_title((dataset if dataset != "None" else titles.get(dataset, "your own loop"))
-                         + (f": {method}" if method else ""), fontsize=10 if method else None)
-            ax.grid(True, which="major", alpha=0.3)
+            keep = np.isfinite(values) & ((x > 0) if axis == "bits" else True)  # a log axis masks values <= 0
+            axes[r][c].plot(x[keep], values[keep], color=colors[_method(row)], linestyle=style,
+                            label=label, linewidth=1.3)
+    for (axis, dataset, method), (r, c) in panels.items():
+        ax = axes[r][c]
+        # a loss between 0.3 and 0.7 reads better on a linear axis, and an accuracy always does
+        if _spans_a_decade(ax) and y not in analysis.HIGHER_IS_BETTER:
+            _log_axis(ax, "y")
+        if axis == "bits":
+            _log_axis(ax, "x")
+        ax.set_xlabel(X_AXES[axis])
+        ax.set_ylabel(quantity(y, None if by_method else problems.get(dataset)))
+        ax.set_title((dataset if dataset != "None" else titles.get(dataset, "your own loop"))
+                     + (f": {method}" if method else ""), fontsize=10 if method else None)
+        ax.grid(True, which="major", alpha=0.3)
     if by_method:  # each row one method: its step sizes in a legend beside the row's last panel
-        for r in range(len(panels)):
+        for r in range(rows_n):
             axes[r][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     elif best_only:  # each dataset its own best step sizes: a legend under each column
         for c in range(len(datasets)):
@@ -158,7 +161,7 @@ def _log_axis(ax, which: str) -> None:
     falls back to labelling minor ticks (6.92x10^-1)."""
     import matplotlib.ticker as ticker
 
-    getattr(ax, f"set_{which}scale")("log")
+    getattr(ax, f"set_{which}scale")("log", nonpositive="mask")
     axis = getattr(ax, f"{which}axis")
     low, high = getattr(ax, f"get_{which}lim")()
     if low > 0 and high > 0 and math.log10(high) - math.log10(low) < 1.0:

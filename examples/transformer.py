@@ -71,6 +71,8 @@ def main():
     parser.add_argument("--workers", type=int, default=None,
                         help="workers in this process (default 2); under mpiexec the world size decides")
     args = parser.parse_args()
+    if args.steps < 1 or args.eval_every < 1:
+        parser.error("--steps and --eval-every must be at least 1")
     workers = args.workers if args.workers is not None or cdmpi.launched_by_mpi() else 2
     cdmpi.launch(lambda run: train(run, args), out=args.out, workers=workers, resume=args.resume,
                  overwrite=args.resume is None)

@@ -164,10 +164,10 @@ def test_plot_labels_every_curve_with_its_step_size(tmp_path, finished_sweep):
                             for lr in (0.004, 0.012))
     looks = {(line.get_color(), str(line.get_linestyle())) for line in lines}
     assert len(looks) == len(lines)  # no two curves drawn alike
-    # --by-method: a row per x axis and method, each panel one method's step sizes, the method in its title
+    # --by-method: a row per method, a column per dataset and x axis, each panel one method's step sizes
     assert len(by_method) == 4
-    for ax, (axis, method) in zip(by_method, [(x, m) for x in ("step", "bits")
-                                             for m in ("amsgrad (identity)", "cdadam (scaled_sign)")]):
+    for ax, (axis, method) in zip(by_method, [(x, m) for m in ("amsgrad (identity)", "cdadam (scaled_sign)")
+                                             for x in ("step", "bits")]):  # row by row
         assert sorted(line.get_label() for line in ax.get_lines()) == [f"{method} lr=0.004", f"{method} lr=0.012"]
         assert ax.get_title().endswith(method) and ax.get_xlabel() == plot.X_AXES[axis]
 

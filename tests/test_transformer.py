@@ -126,3 +126,33 @@ def test_transformer_example_in_process_equals_mpi(tmp_path):
             np.testing.assert_array_equal(a[group][column], b[group][column])
     np.testing.assert_array_equal(a["eval"]["step"], [0, 2, 4, 5])
     np.testing.assert_array_equal(a["final"]["params"], b["final"]["params"])
+
+
+def test_reports_tell_the_compression_options_apart(tmp_path):
+    """compress.block and compress.warmup_steps make other methods of the same compressor: the report's
+    compressor column names them, and --best keeps one run of each."""
+    from cdmpi import analysis
+
+    paths = []
+    for name, sets in (("plain", []), ("block", ["--set", "compress.block=64"]),
+                       ("warm", ["--set", "compress.warmup_steps=2", "--set", "compress.block=64"])):
+        paths.append(tmp_path / f"{name}.h5")
+        r = run_main(["train", CONFIG, "--set", "run.steps=4", "--set", "run.eval_every=2", "--set",
+                      "data.test_samples=50", *sets, "--backend", "local", "--out", paths[-1], "--quiet"])
+        assert r.returncode == 0, r.stderr
+    rows = [analysis.summarize(p) for p in paths]
+    assert [row["compressor"] for row in rows] == ["scaled_sign", "scaled_sign/64", "scaled_sign/64+warmup2"]
+    assert len(analysis.best(rows)) == 3
+    r = run_main(["report", *paths])
+    assert "scaled_sign/64+warmup2" in r.stdout and r.returncode == 0
+
+
+def test_best_by_a_plotted_accuracy_keeps_the_highest():
+    from cdmpi import analysis
+
+    rows = [{"dataset": "addition", "algorithm": "cdadam", "compressor": "scaled_sign", "lr": lr,
+             "final_grad_norm_sq": g, "last": {"eval/accuracy": acc}}
+            for lr, g, acc in ((0.001, 1.0, 0.9), (0.003, 0.5, 0.2))]
+    assert analysis.best(rows)[0]["lr"] == 0.003  # by grad_norm_sq, as ever
+    assert analysis.best(rows, analysis.best_by_default("accuracy"))[0]["lr"] == 0.001
+    assert analysis.best_by_default("loss") == ("loss", "min") and analysis.best_by_default("grad_norm_sq") is None
