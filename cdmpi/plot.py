@@ -120,7 +120,8 @@ def figure(files, *, xs=("bits", "step"), y="grad_norm_sq", out: str | Path, bes
         if axis == "bits":
             _log_axis(ax, "x")
         ax.set_xlabel(X_AXES[axis])
-        ax.set_ylabel(quantity(y, None if by_method else problems.get(dataset)))
+        # the objective in the first column's label; the other columns' titles name their datasets
+        ax.set_ylabel(quantity(y, problems.get(dataset) if c == 0 and not by_method else None))
         ax.set_title((dataset if dataset != "None" else titles.get(dataset, "your own loop"))
                      + (f": {method}" if method else ""), fontsize=10 if method else None)
         ax.grid(True, which="major", alpha=0.3)

@@ -107,7 +107,7 @@ def main(runs_dir: str, out: str) -> None:
             r = best.get((dataset, method))
             if r is None:
                 continue
-            hit = analysis.summarize(r["file"], ("grad_norm_sq", target))
+            hit = analysis.summarize(r["file"], ("grad_norm_sq", "<=", target))
             reached[method] = hit
             at_budget = value_within(r["file"], budget) if budget else float("nan")
             steps_hit = "-" if hit["steps_to_target"] is None else str(hit["steps_to_target"])
