@@ -33,9 +33,9 @@ def readme(results, tables, winners, commit) -> str:
     verdict = (f"**Met by {', '.join(winners)}.**" if winners else "**Met by no method.**")
     return f"""# A transformer: every method on a small GPT learning addition
 
-`make reproduce-transformer` (29 minutes on 2 cores) made everything on this page at commit
-`{commit}`: `results/transformer/reproduce.py` runs every method through `cdmpi sweep`, then
-`diagnose.py` and `make_readme.py`.
+`make reproduce-transformer` (about 30 minutes on 2 cores) made everything on this page; the runs were made
+at commit `{commit}` (as their metrics files record it). `results/transformer/reproduce.py` runs every
+method through `cdmpi sweep`, then `diagnose.py` and `make_readme.py`.
 
 **The workload** (`configs/transformer/addition.toml`): a decoder-only GPT with minGPT's gpt-nano shape
 (3 layers, 3 heads, width 48; 86,160 parameters, `cdmpi.nets.gpt`) learns 2-digit addition: "a b" as four

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -221,12 +220,12 @@ def diagnosis_section(path: Path) -> str:
     return "\n".join(lines)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, cwd=HERE, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def commit(runs: Path) -> str:
+    """The commit the runs were made at, as their metrics files record it (git describe of the checkout,
+    "-dirty" when its working tree had changes)."""
+    recorded = {metrics.read(p)["attrs"].get("git_commit") or "unknown" for p in sorted(runs.glob("*/*/*.h5"))}
+    commits = sorted({c.removesuffix("-dirty")[:7] for c in recorded})
+    return ", ".join(commits) + ("-dirty" if any(c.endswith("-dirty") for c in recorded) else "")
 
 
 def main(runs_dir: str, out_dir: str) -> None:
@@ -239,7 +238,7 @@ def main(runs_dir: str, out_dir: str) -> None:
     (out / "tables.md").write_text("\n\n".join(tables.values()) + "\n")
     from discussion import readme
 
-    (out / "README.md").write_text(readme(results, tables, winners, commit()))
+    (out / "README.md").write_text(readme(results, tables, winners, commit(runs)))
 
 
 if __name__ == "__main__":
