@@ -29,12 +29,13 @@ def _train_parser(sub) -> None:
         "train", help="run one training job (under mpiexec for the MPI backend)",
         description="Train with the configured algorithm. Under `mpiexec -n N+1`, rank 0 is the server "
                     "and ranks 1..N are workers; without an MPI launcher, N workers run in this process. "
-                    "Checkpoints go next to --out (RUN.h5 -> RUN.ckpt/) every checkpoint.every steps, at the end and on SIGTERM. "
+                    "Checkpoints go next to --out (RUN.h5 -> RUN.ckpt/) every checkpoint.every steps, at the end "
+                    "and on SIGTERM. "
                     "Problems: logreg (Section 7.1) and classifier (problem.model resnet18 | vgg16 | wrn16_4 | "
                     "small_cnn on data.dataset cifar10 | digits | synthetic_images; Section 7.2 configs in "
-                    "configs/cifar10; writes an HDF5 group eval with test loss and accuracy every epoch), sequence (a small GPT, "
-                    "problem.model gpt_nano | gpt_micro, on data.dataset addition; configs/transformer; eval holds "
-                    "the exact-match accuracy every run.eval_every steps), quadratic (benchmarks). Compression "
+                    "configs/cifar10; writes an HDF5 group eval with test loss and accuracy every epoch), "
+                    "sequence (a small GPT, problem.model gpt_nano | gpt_micro, on data.dataset addition; "
+                    "configs/transformer; eval holds the exact-match accuracy every run.eval_every steps), quadratic (benchmarks). Compression "
                     "beyond the paper: compress.block, compress.name = two_level_sign, compress.warmup_steps "
                     "(docs/algorithms.md). "
                     "Devices: comm.worker_device, comm.server_device, comm.cuda_aware = auto | true | false. "
@@ -146,12 +147,14 @@ def _plot_parser(sub) -> None:
     p = sub.add_parser(
         "plot", help="draw log-scale curves from metrics files",
         description="One column per dataset, one row per --x axis (and method, with --by-method), one curve "
-                    "per run (or per algorithm with --best); y on a log scale where its curves span a decade or more, bits on a log scale. Needs matplotlib.",
+                    "per run (or per algorithm with --best); y on a log scale where its curves span a decade or "
+                    "more, bits on a log scale. Needs matplotlib.",
         formatter_class=_Formatter)
     p.add_argument("files", nargs="+", help="metrics files or folders of them")
     p.add_argument("--x", nargs="+", default=["bits", "step"], choices=("bits", "step"),
                    help="x axes, one row of panels each: bits (up + down) or step")
-    p.add_argument("--y", default="grad_norm_sq", help="a column of /train or /eval: grad_norm_sq, loss, accuracy, ...")
+    p.add_argument("--y", default="grad_norm_sq",
+                   help="a column of /train or /eval: grad_norm_sq, loss, accuracy, ...")
     p.add_argument("--best", action="store_true",
                    help="only the best step size of each method: by the last grad_norm_sq, or by the last value of "
                         "--y when it is another column (the highest accuracy, the lowest otherwise)")

@@ -254,9 +254,9 @@ class TwoLevelSign(Compressor):
         s_high = sum_high / count_high  # never 0 coordinates: the largest |x_j| of a block is at least its mean
         s_low = (l1 - sum_high) / (sizes - count_high).clamp(min=1)
         wire.write_f32(frame, 0, torch.cat([s_low, s_high]))
-        signs = 8 * count
-        wire.pack_signs(x, frame[signs:signs + wire.sign_nbytes(self.d)])
-        wire.pack_signs(torch.where(high, 1.0, -1.0).to(x.dtype), frame[signs + wire.sign_nbytes(self.d):])
+        signs, nbytes = 8 * count, wire.sign_nbytes(self.d)
+        wire.pack_signs(x, frame[signs:signs + nbytes])
+        wire.pack_signs(torch.where(high, 1.0, -1.0).to(x.dtype), frame[signs + nbytes:])
         return bool(torch.isfinite(l1).all())
 
     def decode(self, frame, dtype, key=0):

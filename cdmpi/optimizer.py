@@ -26,10 +26,11 @@ from .stepsize import StepSize
 if TYPE_CHECKING:
     from .api import Run
 
-# The optimizer's options, as config keys (validated as the config validates them).
+# The optimizer's options, as config keys (validated as the config validates them), and betas =
+# (optim.beta1, optim.beta2) and decoupled_weight_decay.
 OPTIONS = {"algorithm": "optim.algorithm", "lr": "optim.lr", "eps": "optim.nu", "weight_decay": "optim.weight_decay",
            "warmup_steps": "optim.warmup_steps", "compressor": "compress.name", "ratio": "compress.ratio",
-           "k": "compress.k", "block": "compress.block", "compress_warmup_steps": "compress.warmup_steps"}  # and betas = (optim.beta1, optim.beta2), decoupled_weight_decay
+           "k": "compress.k", "block": "compress.block", "compress_warmup_steps": "compress.warmup_steps"}
 GROUP_KEYS = ("lr", "weight_decay", "decoupled_weight_decay")  # may differ between param groups
 
 # GradScaler hands an optimizer that handles scaling itself to step(grad_scaler=...): the collective skip

@@ -133,8 +133,8 @@ def _sequence(cfg: Config, n_workers: int, worker_indices, dtype, device) -> Bui
         raise CdmpiError("the sequence problem needs data.batch_size >= 1")
     ds = sequences.load(cfg.data.dataset, digits=cfg.data.digits, test_samples=cfg.data.test_samples)
     if len(ds.train) < n_workers * cfg.data.batch_size:
-        raise CdmpiError(f"data.test_samples = {cfg.data.test_samples} leaves {len(ds.train)} of the {ds.name} problems "
-                         f"for training, fewer than {n_workers} workers x data.batch_size {cfg.data.batch_size}")
+        raise CdmpiError(f"data.test_samples = {cfg.data.test_samples} leaves {len(ds.train)} of the {ds.name} "
+                         f"problems for training, fewer than {n_workers} workers x data.batch_size {cfg.data.batch_size}")
     bounds, smallest = _worker_bounds(cfg, len(ds.train), n_workers, "sequences")
 
     def network():

@@ -74,11 +74,7 @@ def _mean(values) -> float:
 def _num(value: float, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if kind == "bits":
-        return f"{value:.2e}"
-    if kind == "wall":
-        return f"{value:.0f}"
-    return f"{value:.0f}"
+    return f"{value:.2e}" if kind == "bits" else f"{value:.0f}"
 
 
 def reach(seeds: list[dict], target: float, what: str):
